@@ -1,0 +1,439 @@
+"""The request path: guard, route, session, forward, respond (DESIGN.md).
+
+``Gateway.handle`` is the one handler of the public listener (a low-level
+aiohttp server: no router, no middleware chain on the hot path). Every error
+the gateway produces goes through ``error_response``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.auth.csrf import CsrfPolicy
+from gateway.auth.password import PasswordLogin
+from gateway.auth.refresh import (
+    InvalidAnswer,
+    RefreshCoordinator,
+    RefreshRejected,
+    RefreshUnavailable,
+)
+from gateway.config import Config, PasswordProvider, Route
+from gateway.errors import GatewayError, error_response
+from gateway.headers import ForwardedFor, request_id, response_headers, upstream_request_headers
+from gateway.observability.logs import ACCESS, EVENTS, AccessRecord
+from gateway.observability.metrics import Metrics
+from gateway.proxy import (
+    RequestBody,
+    Upstream,
+    UpstreamBodyBroken,
+    UpstreamFailure,
+    payload_too_large,
+    relay,
+    upstream_call,
+)
+from gateway.routing import RouteTable, split_target, upstream_path
+from gateway.sessions.manager import Absent, SessionManager, SessionState
+from gateway.sessions.seal import KeyRing
+from gateway.sessions.stores import CookieStore, MemoryStore, SessionStore, StoreUnavailable
+from gateway.static import StaticSite
+
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+@dataclass(slots=True)
+class ProviderRuntime:
+    name: str
+    login: PasswordLogin
+    coordinator: RefreshCoordinator
+    refresh_on: frozenset[int]
+    skew: float
+
+
+@dataclass(slots=True)
+class Target:
+    """A route, ready to serve: computed once at startup."""
+
+    label: str
+    methods: frozenset[str] | None
+    max_body: int
+    upstream: Upstream | None
+    static: StaticSite | None
+    provider: ProviderRuntime | None
+    forward_cookies: bool
+    drop: frozenset[str]
+
+
+@dataclass(slots=True)
+class Context:
+    """What one request carries through the pipeline."""
+
+    start: float
+    request_id: str
+    route: str = "unmatched"
+    upstream_seconds: float | None = None
+    refreshed: bool = False
+    bytes_in: int = 0
+    states: list[SessionState] = field(default_factory=list)
+
+
+class Gateway:
+    def __init__(
+        self,
+        config: Config,
+        client: aiohttp.ClientSession,
+        metrics: Metrics,
+        store: SessionStore | None = None,
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.metrics = metrics
+        server = config.server
+        self.retry_buffer = server.limits.retry_buffer_size
+        self.trusted = tuple(server.trusted_proxies)
+        self.scheme = "https" if server.tls is not None else "http"
+        session_config = config.session
+        self.csrf = CsrfPolicy(
+            session_config.csrf.header, server.public_origin, session_config.csrf.allowed_origins
+        )
+        self.cookie_prefix = session_config.cookie_prefix
+        self.sessions: SessionManager | None = None
+        if session_config.keys:
+            keyring = KeyRing([(k.id, k.key_bytes()) for k in session_config.keys])
+            self.sessions = SessionManager(session_config, keyring, store or default_store(config))
+        self.providers: dict[str, ProviderRuntime] = {}
+        for name, provider in config.providers.items():
+            if isinstance(provider, PasswordProvider):
+                login = PasswordLogin(name, provider, client, server.timeouts)
+                self.providers[name] = ProviderRuntime(
+                    name=name,
+                    login=login,
+                    coordinator=RefreshCoordinator(
+                        login, provider.refresh_grace, metrics.refresh_result
+                    ),
+                    refresh_on=frozenset(provider.refresh_on),
+                    skew=provider.refresh_skew,
+                )
+        self.table = RouteTable(config.routes)
+        self.targets = [self._target(route) for route in config.routes]
+        from gateway.auth.endpoints import AuthEndpoints
+
+        self.auth = AuthEndpoints(self)
+
+    def _target(self, route: Route) -> Target:
+        server = self.config.server
+        provider = self.providers.get(route.auth) if route.auth != "none" else None
+        drop = {self.csrf.header.lower()}
+        if provider is not None:
+            drop.add("authorization")
+        # Injected headers replace the client's copies of them.
+        drop.update(name.lower() for name in route.inject_headers)
+        return Target(
+            label=route.path,
+            methods=frozenset(route.methods) if route.methods is not None else None,
+            max_body=route.max_body_size
+            if route.max_body_size is not None
+            else server.limits.max_body_size,
+            upstream=Upstream.from_route(route, server.timeouts) if route.upstream else None,
+            static=StaticSite(route.static) if route.static is not None else None,
+            provider=provider,
+            forward_cookies=route.forward_cookies,
+            drop=frozenset(drop),
+        )
+
+    # -- the handler -------------------------------------------------------
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        ctx = Context(start=time.perf_counter(), request_id=request_id(request.headers))
+        self.metrics.active.inc()
+        status = 499  # the client went away before an answer (nginx's convention)
+        response: web.StreamResponse | None = None
+        try:
+            response = await self._dispatch(request, ctx)
+        except GatewayError as error:
+            if isinstance(error, UpstreamFailure):
+                self.metrics.upstream_errors.labels(ctx.route, error.kind).inc()
+            response = await self._error(error, ctx)
+        except UpstreamBodyBroken as broken:
+            self.metrics.upstream_errors.labels(ctx.route, broken.kind).inc()
+            response = broken.response
+        except StoreUnavailable:
+            response = await self._error(
+                GatewayError(503, "store_unavailable", "the session store is unavailable"), ctx
+            )
+        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+            raise
+        except Exception:
+            EVENTS.exception("unhandled error", extra={"fields": {"request_id": ctx.request_id}})
+            response = await self._error(
+                GatewayError(500, "internal_error", "the gateway failed to handle the request"),
+                ctx,
+            )
+        finally:
+            if response is not None:
+                status = response.status
+            self._observe(request, ctx, status, response)
+        return response
+
+    def _observe(
+        self,
+        request: web.BaseRequest,
+        ctx: Context,
+        status: int,
+        response: web.StreamResponse | None,
+    ) -> None:
+        duration = time.perf_counter() - ctx.start
+        metrics = self.metrics
+        metrics.active.dec()
+        metrics.requests.labels(ctx.route, request.method, str(status)).inc()
+        metrics.request_duration.labels(ctx.route).observe(duration)
+        if ctx.upstream_seconds is not None:
+            metrics.upstream_duration.labels(ctx.route).observe(ctx.upstream_seconds)
+        if ACCESS.isEnabledFor(logging.INFO):
+            ACCESS.info(
+                "request",
+                extra={
+                    "access": AccessRecord(
+                        request_id=ctx.request_id,
+                        method=request.method,
+                        path=request.raw_path.partition("?")[0][:2048],
+                        route=ctx.route,
+                        status=status,
+                        duration_ms=round(duration * 1000, 3),
+                        upstream_ms=round(ctx.upstream_seconds * 1000, 3)
+                        if ctx.upstream_seconds is not None
+                        else None,
+                        bytes_in=ctx.bytes_in,
+                        bytes_out=response.body_length if response is not None else 0,
+                        refreshed=ctx.refreshed,
+                        client=request.remote or "",
+                    )
+                },
+            )
+
+    async def _error(self, error: GatewayError, ctx: Context) -> web.Response:
+        response = error_response(error)
+        response.headers["X-Request-Id"] = ctx.request_id
+        for line in await self._cookie_lines(ctx):
+            response.headers.add("Set-Cookie", line)
+        return response
+
+    async def _cookie_lines(self, ctx: Context) -> list[str]:
+        if self.sessions is None or not ctx.states:
+            return []
+        lines: list[str] = []
+        for state in ctx.states:
+            lines.extend(await self.sessions.commit(state))
+        return lines
+
+    async def _dispatch(self, request: web.BaseRequest, ctx: Context) -> web.StreamResponse:
+        path, query = split_target(request.raw_path)
+        if path.startswith("/auth/"):
+            ctx.route = "/auth/"
+            return await self.auth.handle(request, path, ctx)
+        match = self.table.match(path)
+        if match is None:
+            raise GatewayError(404, "not_found", "no route matches this path")
+        target = self.targets[match.index]
+        ctx.route = target.label
+        if target.methods is not None and request.method not in target.methods:
+            raise GatewayError(
+                405,
+                "method_not_allowed",
+                f"{request.method} is not allowed here",
+                {"Allow": ", ".join(sorted(target.methods))},
+            )
+        if target.static is not None:
+            if request.method not in ("GET", "HEAD"):
+                raise GatewayError(
+                    405, "method_not_allowed", "static files are read-only", {"Allow": "GET, HEAD"}
+                )
+            return await target.static.serve(request, match.remainder)
+        assert target.upstream is not None
+        length = request.content_length
+        if length is not None and length > target.max_body:
+            raise payload_too_large(target.max_body)
+
+        state: SessionState | None = None
+        provider = target.provider
+        if provider is not None:
+            self.csrf.check(request.method, request.headers, self.own_origin(request))
+            state = await self.require_session(request, provider, ctx)
+
+        if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (
+            1,
+            1,
+        ):
+            # Answered here, not forwarded: the client would otherwise wait
+            # for the upstream's 100 (DESIGN.md). Sent only after every check.
+            await request.writer.write(_CONTINUE)
+            request.writer.output_size = 0
+
+        body = (
+            RequestBody(request.content, target.max_body, self.retry_buffer)
+            if request.body_exists
+            else None
+        )
+        try:
+            return await self._forward(request, ctx, target, match.remainder, query, body, state)
+        finally:
+            if body is not None:
+                ctx.bytes_in = body.received
+
+    async def _forward(
+        self,
+        request: web.BaseRequest,
+        ctx: Context,
+        target: Target,
+        remainder: str,
+        query: str,
+        body: RequestBody | None,
+        state: SessionState | None,
+    ) -> web.StreamResponse:
+        upstream = target.upstream
+        assert upstream is not None
+        url = upstream.url(upstream_path(upstream.base_path, remainder), query)
+        forwarded = self.forwarded_for(request)
+        provider = target.provider
+        while True:
+            authorization = None
+            if state is not None and state.session is not None:
+                authorization = f"Bearer {state.session.access_token}"
+            headers = upstream_request_headers(
+                request.headers,
+                forwarded=forwarded,
+                req_id=ctx.request_id,
+                drop=target.drop,
+                cookie_prefix=self.cookie_prefix,
+                forward_cookies=target.forward_cookies,
+                inject=upstream.inject_headers,
+                authorization=authorization,
+            )
+            sent = time.perf_counter()
+            async with upstream_call(
+                self.client, request.method, url, headers, body, upstream
+            ) as answer:
+                ctx.upstream_seconds = time.perf_counter() - sent
+                wants_refresh = (
+                    provider is not None
+                    and state is not None
+                    and not ctx.refreshed
+                    and answer.status in provider.refresh_on
+                    and self.can_refresh(provider, state)
+                )
+                if not wants_refresh:
+                    return await self._relay(request, answer, ctx)
+                assert provider is not None and state is not None
+                if body is not None and not body.replayable:
+                    # Too big to replay: the client gets this answer, but the
+                    # next request already carries the refreshed session.
+                    await self.refresh(provider, state, ctx)
+                    return await self._relay(request, answer, ctx)
+            await self.refresh(provider, state, ctx)
+
+    async def _relay(
+        self, request: web.BaseRequest, answer: aiohttp.ClientResponse, ctx: Context
+    ) -> web.StreamResponse:
+        headers = response_headers(answer.headers, self.cookie_prefix)
+        for line in await self._cookie_lines(ctx):
+            headers.add("Set-Cookie", line)
+        return await relay(request, answer, headers)
+
+    # -- sessions ------------------------------------------------------------
+
+    async def require_session(
+        self, request: web.BaseRequest, provider: ProviderRuntime, ctx: Context
+    ) -> SessionState:
+        """The request's live session for ``provider``, refreshed if about to expire."""
+        assert self.sessions is not None
+        now = time.time()
+        state = await self.sessions.load(request.cookies, provider.name, now)
+        ctx.states.append(state)
+        if state.session is None:
+            if state.absent is not Absent.NONE:
+                await self.sessions.clear(state)
+            if state.absent is Absent.EXPIRED:
+                raise session_expired()
+            raise GatewayError(401, "login_required", "log in first")
+        expires_at = state.session.expires_at
+        if expires_at is not None and expires_at - provider.skew <= now:
+            if self.can_refresh(provider, state):
+                await self.refresh(provider, state, ctx)
+            elif expires_at <= now:
+                await self.sessions.clear(state)
+                raise session_expired()
+        return state
+
+    @staticmethod
+    def can_refresh(provider: ProviderRuntime, state: SessionState) -> bool:
+        return (
+            provider.login.can_refresh
+            and state.session is not None
+            and state.session.refresh_token is not None
+        )
+
+    async def refresh(self, provider: ProviderRuntime, state: SessionState, ctx: Context) -> None:
+        assert self.sessions is not None and state.session is not None
+        assert state.session.refresh_token is not None
+        ctx.refreshed = True
+        try:
+            tokens = await provider.coordinator.refresh(state.session.refresh_token)
+        except RefreshRejected:
+            await self.sessions.clear(state)
+            raise session_expired() from None
+        except RefreshUnavailable:
+            raise GatewayError(
+                503, "refresh_unavailable", "the token service is unavailable; try again"
+            ) from None
+        except InvalidAnswer:
+            raise GatewayError(
+                502, "upstream_invalid_response", "the token service answered without a token"
+            ) from None
+        self.sessions.replace(state, state.session.with_tokens(tokens, time.time()))
+
+    # -- where the request came from -----------------------------------------
+
+    def _trusted_peer(self, request: web.BaseRequest) -> bool:
+        if not self.trusted or not request.remote:
+            return False
+        try:
+            address = ipaddress.ip_address(request.remote)
+        except ValueError:
+            return False
+        return any(address in network for network in self.trusted)
+
+    def forwarded_for(self, request: web.BaseRequest) -> ForwardedFor:
+        return ForwardedFor(
+            client_ip=request.remote or "",
+            proto=self.scheme,
+            host=request.headers.get("Host", ""),
+            trusted=self._trusted_peer(request),
+        )
+
+    def own_origin(self, request: web.BaseRequest) -> str:
+        headers = request.headers
+        if self._trusted_peer(request):
+            proto = headers.get("X-Forwarded-Proto", self.scheme).split(",")[0].strip()
+            host = headers.get("X-Forwarded-Host", headers.get("Host", "")).split(",")[0].strip()
+        else:
+            proto, host = self.scheme, headers.get("Host", "")
+        return f"{proto}://{host}"
+
+
+def session_expired() -> GatewayError:
+    return GatewayError(401, "session_expired", "the session has ended; log in again")
+
+
+def default_store(config: Config) -> SessionStore:
+    if config.session.store == "memory":
+        return MemoryStore(config.session.absolute_timeout)
+    return CookieStore()
+
+
+__all__ = ["CIMultiDict", "Gateway"]

@@ -1,0 +1,1 @@
+"""Providers, refresh coordination and CSRF."""

@@ -1,0 +1,167 @@
+"""``/auth/...`` on the public listener (SPEC §3)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from gateway.errors import GatewayError
+from gateway.sessions.manager import SessionState
+from gateway.sessions.model import Session, Tokens
+
+if TYPE_CHECKING:
+    from gateway.app import Context, Gateway, ProviderRuntime
+
+LOGIN_BODY_LIMIT = 64 * 1024
+_LOGIN_TYPES = ("application/json", "application/x-www-form-urlencoded")
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(data).encode(),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _not_found() -> GatewayError:
+    return GatewayError(404, "not_found", "no such auth endpoint")
+
+
+class AuthEndpoints:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def handle(self, request: web.BaseRequest, path: str, ctx: Context) -> web.StreamResponse:
+        parts = path.split("/")  # ['', 'auth', P, action]
+        method = request.method
+        if path == "/auth/logout":
+            self._allow(method, "POST")
+            return await self.logout_all(request, ctx)
+        if len(parts) != 4 or parts[2] not in self.gateway.providers:
+            raise _not_found()
+        provider = self.gateway.providers[parts[2]]
+        ctx.route = f"/auth/{provider.name}"
+        action = parts[3]
+        if action == "login":
+            self._allow(method, "POST")
+            return await self.login(request, provider, ctx)
+        if action == "logout":
+            self._allow(method, "POST")
+            return await self.logout(request, [provider], ctx)
+        if action == "session":
+            self._allow(method, "GET", "HEAD")
+            return await self.session(request, provider, ctx)
+        raise _not_found()
+
+    @staticmethod
+    def _allow(method: str, *allowed: str) -> None:
+        if method not in allowed:
+            raise GatewayError(
+                405,
+                "method_not_allowed",
+                f"{method} is not allowed here",
+                {"Allow": ", ".join(allowed)},
+            )
+
+    def _csrf(self, request: web.BaseRequest) -> None:
+        self.gateway.csrf.check(request.method, request.headers, self.gateway.own_origin(request))
+
+    async def _respond(self, response: web.Response, ctx: Context) -> web.Response:
+        for line in await self.gateway._cookie_lines(ctx):
+            response.headers.add("Set-Cookie", line)
+        return response
+
+    async def login(
+        self, request: web.BaseRequest, provider: ProviderRuntime, ctx: Context
+    ) -> web.Response:
+        self._csrf(request)
+        manager = self.gateway.sessions
+        assert manager is not None
+        content_type = request.content_type
+        if content_type not in _LOGIN_TYPES:
+            raise GatewayError(400, "bad_request", "send the credentials as JSON or a form")
+        length = request.content_length
+        if length is not None and length > LOGIN_BODY_LIMIT:
+            raise GatewayError(413, "payload_too_large", "the login body is over 64 KiB")
+        body = await _read_limited(request, LOGIN_BODY_LIMIT)
+        ctx.bytes_in = len(body)
+        try:
+            result = await provider.login.login(body, request.headers.get("Content-Type", ""))
+        except GatewayError:
+            self.gateway.metrics.logins.labels(provider.name, "error").inc()
+            raise
+        if result.tokens is None:
+            self.gateway.metrics.logins.labels(provider.name, "rejected").inc()
+            return _json(result.body, result.status)
+        # A new login replaces whatever session this browser had for the provider.
+        state = await manager.load(request.cookies, provider.name, time.time())
+        ctx.states.append(state)
+        if state.handle is not None:
+            await manager.store.delete(state.handle)
+            state.handle = None
+        manager.replace(state, Session.start(provider.name, result.tokens, time.time()))
+        self.gateway.metrics.logins.labels(provider.name, "success").inc()
+        return await self._respond(_json(result.body, 200), ctx)
+
+    async def logout(
+        self, request: web.BaseRequest, providers: list[ProviderRuntime], ctx: Context
+    ) -> web.Response:
+        self._csrf(request)
+        manager = self.gateway.sessions
+        assert manager is not None
+        now = time.time()
+        for provider in providers:
+            state = await manager.load(request.cookies, provider.name, now)
+            ctx.states.append(state)
+            session = state.session
+            await manager.clear(state)
+            if session is not None:
+                await provider.login.logout(
+                    Tokens(session.access_token, session.refresh_token, None, {})
+                )
+        return await self._respond(web.Response(status=204), ctx)
+
+    async def logout_all(self, request: web.BaseRequest, ctx: Context) -> web.Response:
+        return await self.logout(request, list(self.gateway.providers.values()), ctx)
+
+    async def session(
+        self, request: web.BaseRequest, provider: ProviderRuntime, ctx: Context
+    ) -> web.Response:
+        manager = self.gateway.sessions
+        assert manager is not None
+        state: SessionState = await manager.load(request.cookies, provider.name, time.time())
+        ctx.states.append(state)
+        if state.session is None:
+            if state.present:
+                await manager.clear(state)
+            return await self._respond(_json({"authenticated": False}), ctx)
+        session = state.session
+        return await self._respond(
+            _json(
+                {
+                    "authenticated": True,
+                    "provider": provider.name,
+                    "expires_at": session.expires_at,
+                    "session_expires_at": session.created_at
+                    + self.gateway.config.session.absolute_timeout,
+                    "claims": session.claims,
+                }
+            ),
+            ctx,
+        )
+
+
+async def _read_limited(request: web.BaseRequest, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise GatewayError(413, "payload_too_large", "the login body is over 64 KiB")
+        chunks.append(chunk)
+    return b"".join(chunks)

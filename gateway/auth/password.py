@@ -1,0 +1,153 @@
+"""The ``password`` provider: credentials posted to a login API (SPEC §3)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from gateway.auth.refresh import InvalidAnswer, RefreshRejected, RefreshUnavailable
+from gateway.auth.tokens import scrub, tokens_from_answer
+from gateway.config import PasswordProvider, Timeouts
+from gateway.errors import GatewayError
+from gateway.sessions.model import Tokens
+
+
+@dataclass(frozen=True, slots=True)
+class LoginResult:
+    status: int
+    body: Any  # the upstream JSON minus every token
+    tokens: Tokens | None
+
+
+def invalid_response(what: str) -> GatewayError:
+    return GatewayError(502, "upstream_invalid_response", f"the {what} answer had no access token")
+
+
+class PasswordLogin:
+    """Talks to a login API: login, refresh, logout."""
+
+    def __init__(
+        self,
+        name: str,
+        config: PasswordProvider,
+        client: aiohttp.ClientSession,
+        timeouts: Timeouts,
+    ) -> None:
+        self.name = name
+        self.config = config
+        self._client = client
+        self._timeout = aiohttp.ClientTimeout(
+            total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
+        )
+
+    @property
+    def can_refresh(self) -> bool:
+        return self.config.refresh_url is not None
+
+    def _tokens(self, answer: Any) -> Tokens | None:
+        return tokens_from_answer(
+            answer,
+            access_field=self.config.access_token_field,
+            refresh_field=self.config.refresh_token_field,
+            expires_in_field=self.config.expires_in_field,
+            claim_names=self.config.session_claims,
+        )
+
+    def _scrub(self, answer: Any, tokens: Tokens | None) -> Any:
+        secrets = [tokens.access_token, tokens.refresh_token or ""] if tokens else []
+        fields = [self.config.access_token_field, self.config.refresh_token_field]
+        return scrub(answer, fields, secrets)
+
+    async def login(self, body: bytes, content_type: str) -> LoginResult:
+        headers = {"Content-Type": content_type or "application/json", "Accept": "application/json"}
+        try:
+            async with self._client.post(
+                self.config.login_url,
+                data=body,
+                headers=headers,
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as response:
+                status = response.status
+                raw = await response.read()
+        except (TimeoutError, aiohttp.ClientError):
+            raise GatewayError(
+                502, "upstream_unavailable", "the login service could not be reached"
+            ) from None
+        try:
+            answer = json.loads(raw) if raw else {}
+        except ValueError:
+            answer = None
+        if status >= 500:
+            raise GatewayError(502, "upstream_unavailable", "the login service failed")
+        if not 200 <= status < 300:
+            if answer is None:
+                raise GatewayError(status if status >= 400 else 502, "login_failed", "login failed")
+            return LoginResult(status, self._scrub(answer, None), None)
+        tokens = self._tokens(answer) if answer is not None else None
+        if tokens is None:
+            raise invalid_response("login")
+        return LoginResult(status, self._scrub(answer, tokens), tokens)
+
+    async def refresh(self, refresh_token: str) -> Tokens:
+        if self.config.refresh_url is None:
+            raise RefreshRejected()
+        payload = _fill_template(self.config.refresh_body, refresh_token)
+        try:
+            async with self._client.post(
+                self.config.refresh_url,
+                json=payload,
+                headers={"Accept": "application/json"},
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as response:
+                status = response.status
+                raw = await response.read()
+        except (TimeoutError, aiohttp.ClientError):
+            raise RefreshUnavailable() from None
+        if 400 <= status < 500 and status not in (408, 429):
+            raise RefreshRejected()
+        if not 200 <= status < 300:
+            raise RefreshUnavailable()
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            raise RefreshUnavailable() from None
+        tokens = self._tokens(answer)
+        if tokens is None:
+            raise InvalidAnswer()
+        return tokens
+
+    async def logout(self, tokens: Tokens | None) -> None:
+        """Best effort: tell the provider, never fail the browser's logout."""
+        if self.config.logout_url is None or tokens is None:
+            return
+        payload = {"refresh_token": tokens.refresh_token} if tokens.refresh_token else {}
+        try:
+            async with self._client.post(
+                self.config.logout_url,
+                json=payload,
+                headers={"Authorization": f"Bearer {tokens.access_token}"},
+                timeout=self._timeout,
+                allow_redirects=False,
+            ) as response:
+                await response.read()
+        except (TimeoutError, aiohttp.ClientError):
+            return
+
+
+def _fill_template(template: Any, refresh_token: str) -> Any:
+    if isinstance(template, str):
+        return (
+            refresh_token
+            if template == "{refresh_token}"
+            else template.replace("{refresh_token}", refresh_token)
+        )
+    if isinstance(template, dict):
+        return {key: _fill_template(value, refresh_token) for key, value in template.items()}
+    if isinstance(template, list):
+        return [_fill_template(item, refresh_token) for item in template]
+    return template

@@ -1,0 +1,98 @@
+"""Single-flight token refresh with a grace cache (SPEC §4.3).
+
+Rotating refresh tokens with reuse detection revoke the whole token family
+when a refresh token is presented twice. So concurrent requests of one
+session must cause exactly one refresh call, and requests that still carry
+the pre-refresh cookie (sent by the browser before the new cookie arrived)
+must be handed the *same* new tokens rather than refresh again. Both are
+keyed by a hash of the refresh token, never the token itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from gateway.sessions.model import Tokens
+
+
+class RefreshRejected(Exception):
+    """The provider said the refresh token is no good: the session is over."""
+
+
+class RefreshUnavailable(Exception):
+    """The provider could not answer now: try again later, keep the session."""
+
+
+class InvalidAnswer(Exception):
+    """The provider answered 2xx without the expected fields."""
+
+
+class Refresher(Protocol):
+    name: str
+
+    async def refresh(self, refresh_token: str) -> Tokens: ...
+
+
+ResultHook = Callable[[str, str], None]  # (provider, result)
+
+
+def _key(refresh_token: str) -> str:
+    return hashlib.sha256(refresh_token.encode()).hexdigest()
+
+
+class RefreshCoordinator:
+    """One process's refresh flights and grace cache for one provider."""
+
+    def __init__(self, provider: Refresher, grace: float, on_result: ResultHook) -> None:
+        self._provider = provider
+        self._grace = grace
+        self._on_result = on_result
+        self._inflight: dict[str, asyncio.Task[Tokens]] = {}
+        self._recent: dict[str, tuple[float, Tokens]] = {}
+
+    async def refresh(self, refresh_token: str) -> Tokens:
+        key = _key(refresh_token)
+        now = time.monotonic()
+        recent = self._recent.get(key)
+        if recent is not None and recent[0] > now:
+            self._on_result(self._provider.name, "coalesced")
+            return recent[1]
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.create_task(self._flight(key, refresh_token))
+            self._inflight[key] = task
+            task.add_done_callback(lambda done: self._landed(key, done))
+        else:
+            self._on_result(self._provider.name, "coalesced")
+        # Shielded: a browser that goes away must not cancel the refresh that
+        # other requests of the session are waiting for.
+        return await asyncio.shield(task)
+
+    async def _flight(self, key: str, refresh_token: str) -> Tokens:
+        try:
+            tokens = await self._provider.refresh(refresh_token)
+        except Exception as exc:
+            self._on_result(self._provider.name, _result_of(exc))
+            raise
+        self._on_result(self._provider.name, "success")
+        self._remember(key, tokens)
+        return tokens
+
+    def _remember(self, key: str, tokens: Tokens) -> None:
+        now = time.monotonic()
+        if len(self._recent) > 1024:
+            self._recent = {k: v for k, v in self._recent.items() if v[0] > now}
+        self._recent[key] = (now + self._grace, tokens)
+
+    def _landed(self, key: str, task: asyncio.Task[Tokens]) -> None:
+        self._inflight.pop(key, None)
+        if not task.cancelled():
+            task.exception()  # retrieved here so an unawaited failure is not reported
+
+
+def _result_of(exc: Exception) -> str:
+    return "rejected" if isinstance(exc, RefreshRejected) else "error"

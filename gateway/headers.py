@@ -1,0 +1,150 @@
+"""Header rewriting in both directions (SPEC §4.1, §4.2). Pure.
+
+RFC 9110 §7.6.1: a proxy removes the hop-by-hop headers and every header the
+``Connection`` header names. The gateway applies that rule to what the client
+sent *before* adding what it injects, so a ``Connection: X-Api-Key`` from the
+browser can never remove a server-held secret.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+    }
+)
+# Set by the gateway itself or meaningless past this hop.
+_REQUEST_DROP = HOP_BY_HOP | {
+    "host",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "forwarded",
+    "x-request-id",
+    "cookie",
+}
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+Headers = CIMultiDictProxy[str] | CIMultiDict[str]
+
+
+def connection_named(headers: Headers) -> set[str]:
+    """Lower-cased header names listed in every Connection header line."""
+    named: set[str] = set()
+    for line in headers.getall("Connection", ()):
+        named.update(token.strip().lower() for token in line.split(",") if token.strip())
+    return named
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardedFor:
+    """Where the request came from, as the gateway will tell the upstream."""
+
+    client_ip: str
+    proto: str
+    host: str
+    trusted: bool  # peer is a trusted proxy: keep the chain it sent
+
+
+def request_id(headers: Headers) -> str:
+    incoming = headers.get("X-Request-Id", "")
+    return incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+
+
+def is_gateway_cookie(name: str, cookie_prefix: str) -> bool:
+    return name.startswith(
+        (f"__Host-{cookie_prefix}-", f"{cookie_prefix}-", f"__host-{cookie_prefix}-")
+    )
+
+
+def filter_cookie_header(lines: Iterable[str], cookie_prefix: str) -> str | None:
+    """The client's cookies minus the gateway's own, or None when none remain."""
+    kept = []
+    for line in lines:
+        for pair in line.split(";"):
+            name = pair.split("=", 1)[0].strip()
+            if name and not is_gateway_cookie(name, cookie_prefix):
+                kept.append(pair.strip())
+    return "; ".join(kept) or None
+
+
+def upstream_request_headers(
+    incoming: Headers,
+    *,
+    forwarded: ForwardedFor,
+    req_id: str,
+    drop: frozenset[str],
+    cookie_prefix: str,
+    forward_cookies: bool,
+    inject: Mapping[str, str],
+    authorization: str | None,
+) -> CIMultiDict[str]:
+    """Headers for the upstream request.
+
+    ``drop`` holds extra lower-case names to remove (the CSRF header; and
+    ``authorization`` on a session route). ``Host`` is left out: the HTTP
+    client sets the upstream's own.
+    """
+    named = connection_named(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in _REQUEST_DROP or lower in drop or lower in named:
+            continue
+        out.add(name, value)
+
+    if forward_cookies:
+        cookies = filter_cookie_header(incoming.getall("Cookie", ()), cookie_prefix)
+        if cookies:
+            out["Cookie"] = cookies
+
+    chain = incoming.get("X-Forwarded-For") if forwarded.trusted else None
+    out["X-Forwarded-For"] = f"{chain}, {forwarded.client_ip}" if chain else forwarded.client_ip
+    proto = incoming.get("X-Forwarded-Proto") if forwarded.trusted else None
+    out["X-Forwarded-Proto"] = proto or forwarded.proto
+    fwd_host = incoming.get("X-Forwarded-Host") if forwarded.trusted else None
+    out["X-Forwarded-Host"] = fwd_host or forwarded.host
+    out["X-Request-Id"] = req_id
+
+    for name, value in inject.items():
+        out[name] = value
+    if authorization is not None:
+        out["Authorization"] = authorization
+    return out
+
+
+def response_headers(upstream: Headers, cookie_prefix: str) -> CIMultiDict[str]:
+    """Upstream response headers minus hop-by-hop and any Set-Cookie for our names."""
+    named = connection_named(upstream)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower in named:
+            continue
+        if lower == "set-cookie" and _sets_gateway_cookie(value, cookie_prefix):
+            continue
+        out.add(name, value)
+    return out
+
+
+def _sets_gateway_cookie(set_cookie: str, cookie_prefix: str) -> bool:
+    # Browsers take the name as the text before the first '='; recent ones
+    # compare the __Host- prefix without regard to case, so we do too.
+    name = set_cookie.split("=", 1)[0].strip().lower()
+    return is_gateway_cookie(name, cookie_prefix.lower())

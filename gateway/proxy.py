@@ -1,0 +1,265 @@
+"""The streaming forwarder: one upstream call, its body, its errors (SPEC §4.1, §4.2).
+
+The forwarder knows nothing of sessions. The caller opens an upstream call,
+looks at the status (a session route may want to refresh and replay), and then
+either relays the response or discards it and calls again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from urllib.parse import quote, unquote_plus
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from gateway.config import Route, Timeouts
+from gateway.errors import GatewayError
+
+_NO_BODY_STATUSES = frozenset({204, 304})
+_READ_CHUNK = 64 * 1024
+
+
+class UpstreamFailure(GatewayError):
+    """An upstream that could not be reached or answered badly; ``kind`` feeds metrics."""
+
+    def __init__(self, status: int, code: str, message: str, kind: str) -> None:
+        super().__init__(status, code, message)
+        self.kind = kind
+
+
+def payload_too_large(limit: int) -> GatewayError:
+    return GatewayError(413, "payload_too_large", f"the request body is over {limit} bytes")
+
+
+class RequestBody:
+    """The client's body, streamed once to the upstream and replayable if small.
+
+    Bytes are counted against ``limit`` as they arrive (aiohttp does not
+    enforce ``client_max_size`` on streamed bodies). Up to ``keep`` bytes are
+    kept so that a refresh can replay the request; a replay sends the kept
+    bytes and then whatever the first attempt had not yet read.
+    """
+
+    __slots__ = (
+        "_content",
+        "_keep",
+        "_kept",
+        "_kept_size",
+        "_reader_free",
+        "limit",
+        "overflowed",
+        "received",
+    )
+
+    def __init__(self, content: aiohttp.StreamReader, limit: int, keep: int) -> None:
+        self._content = content
+        self.limit = limit
+        self._keep = keep
+        self._kept: list[bytes] = []
+        self._kept_size = 0
+        # Set while no stream is waiting in readany(): a replay must not read
+        # until the abandoned first attempt has noticed its cancellation.
+        self._reader_free = asyncio.Event()
+        self._reader_free.set()
+        self.received = 0
+        self.overflowed = False  # more than `keep` bytes read: no replay possible
+
+    @property
+    def too_large(self) -> bool:
+        return self.received > self.limit
+
+    @property
+    def replayable(self) -> bool:
+        return not self.overflowed
+
+    async def _read(self) -> bytes:
+        self._reader_free.clear()
+        try:
+            return await self._content.readany()
+        finally:
+            self._reader_free.set()
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        for chunk in list(self._kept):
+            yield chunk
+        while True:
+            await self._reader_free.wait()
+            chunk = await self._read()
+            if not chunk:
+                return
+            self.received += len(chunk)
+            if self.received > self.limit:
+                raise payload_too_large(self.limit)
+            if not self.overflowed:
+                if self._kept_size + len(chunk) <= self._keep:
+                    self._kept.append(chunk)
+                    self._kept_size += len(chunk)
+                else:
+                    self.overflowed = True
+                    self._kept.clear()
+            yield chunk
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Everything about a route's upstream that can be computed once at startup."""
+
+    origin: str  # scheme://host[:port]
+    base_path: str
+    timeout: aiohttp.ClientTimeout
+    ssl: ssl.SSLContext | bool
+    inject_headers: Mapping[str, str]
+    inject_query: tuple[tuple[str, str], ...]  # (decoded name, encoded "name=value")
+
+    @classmethod
+    def from_route(cls, route: Route, server_timeouts: Timeouts) -> Upstream:
+        assert route.upstream is not None
+        url = URL(route.upstream)
+        timeouts = route.timeouts.over(server_timeouts)
+        context: ssl.SSLContext | bool = True
+        if url.scheme == "https":
+            if not route.tls.verify:
+                context = False
+            elif route.tls.ca_file is not None:
+                context = ssl.create_default_context(cafile=str(route.tls.ca_file))
+        return cls(
+            origin=str(url.origin()),
+            base_path=url.raw_path,
+            timeout=aiohttp.ClientTimeout(
+                total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
+            ),
+            ssl=context,
+            inject_headers=dict(route.inject_headers),
+            inject_query=tuple(
+                (name, f"{quote(name, safe='')}={quote(value, safe='')}")
+                for name, value in route.inject_query.items()
+            ),
+        )
+
+    def url(self, raw_path: str, raw_query: str) -> URL:
+        query = self._query(raw_query)
+        target = f"{self.origin}{raw_path}?{query}" if query else f"{self.origin}{raw_path}"
+        return URL(target, encoded=True)
+
+    def _query(self, raw_query: str) -> str:
+        if not self.inject_query:
+            return raw_query
+        # Injected values replace the client's: drop any pair with that name.
+        names = {name for name, _ in self.inject_query}
+        kept = [
+            pair
+            for pair in raw_query.split("&")
+            if pair and unquote_plus(pair.split("=", 1)[0]) not in names
+        ]
+        return "&".join(kept + [encoded for _, encoded in self.inject_query])
+
+
+def client_session(connections: int = 1024) -> aiohttp.ClientSession:
+    """The one pooled upstream client of a process (DESIGN.md: aiohttp facts)."""
+    connector = aiohttp.TCPConnector(limit=connections, limit_per_host=0, ttl_dns_cache=60)
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),  # never carry one user's cookies to the next
+        auto_decompress=False,
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        timeout=aiohttp.ClientTimeout(total=None),
+        trust_env=False,
+        raise_for_status=False,
+    )
+
+
+@asynccontextmanager
+async def upstream_call(
+    client: aiohttp.ClientSession,
+    method: str,
+    url: URL,
+    headers: CIMultiDict[str],
+    body: RequestBody | None,
+    upstream: Upstream,
+) -> AsyncIterator[aiohttp.ClientResponse]:
+    """Open the upstream response; map connection failures to SPEC §4.4 errors."""
+    try:
+        async with client.request(
+            method,
+            url,
+            headers=headers,
+            data=body.stream() if body is not None else None,
+            allow_redirects=False,
+            timeout=upstream.timeout,
+            ssl=upstream.ssl,
+        ) as response:
+            yield response
+    except GatewayError:
+        raise
+    except Exception as exc:
+        if body is not None and body.too_large:
+            raise payload_too_large(body.limit) from None
+        raise map_client_error(exc) from None
+
+
+def map_client_error(exc: BaseException) -> UpstreamFailure:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError | aiohttp.SocketTimeoutError):
+        return UpstreamFailure(
+            504, "upstream_timeout", "the upstream did not answer in time", "timeout"
+        )
+    if isinstance(exc, asyncio.TimeoutError):
+        return UpstreamFailure(
+            504, "upstream_timeout", "the upstream did not answer in time", "timeout"
+        )
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return UpstreamFailure(
+            502, "upstream_unavailable", "the upstream's TLS certificate was not accepted", "tls"
+        )
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return UpstreamFailure(
+            502, "upstream_unavailable", "the upstream refused the connection", "connect"
+        )
+    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
+        return UpstreamFailure(
+            502, "upstream_unavailable", "the upstream sent a malformed response", "protocol"
+        )
+    return UpstreamFailure(502, "upstream_unavailable", "the upstream connection failed", "reset")
+
+
+async def relay(
+    request: web.BaseRequest,
+    upstream_response: aiohttp.ClientResponse,
+    headers: CIMultiDict[str],
+) -> web.StreamResponse:
+    """Stream the upstream's answer to the client chunk by chunk as it arrives.
+
+    If the upstream's body breaks off, the client's connection is dropped
+    rather than ended cleanly, so the browser sees a truncated response.
+    """
+    response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason)
+    response.headers.extend(headers)
+    await response.prepare(request)
+    if request.method == "HEAD" or upstream_response.status in _NO_BODY_STATUSES:
+        await response.write_eof()
+        return response
+    try:
+        async for chunk in upstream_response.content.iter_any():
+            await response.write(chunk)
+    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+        # Never write_eof() here: a clean end would tell the browser the body is complete.
+        if request.transport is not None:
+            request.transport.abort()
+        raise UpstreamBodyBroken(map_client_error(exc).kind, response) from None
+    await response.write_eof()
+    return response
+
+
+class UpstreamBodyBroken(Exception):
+    """The upstream's body broke off after the response started; the client was cut off."""
+
+    def __init__(self, kind: str, response: web.StreamResponse) -> None:
+        super().__init__(kind)
+        self.kind = kind
+        self.response = response

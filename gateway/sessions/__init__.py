@@ -1,0 +1,1 @@
+"""Session state: sealing, chunking and storage of session cookies."""

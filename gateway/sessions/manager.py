@@ -1,0 +1,126 @@
+"""From the browser's cookies to a Session and back (SPEC §6).
+
+Reads the (possibly chunked) cookie of one provider, unseals it, loads the
+session from the store and applies the idle and absolute timeouts; and writes
+the Set-Cookie lines that save, re-seal or clear it.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from gateway.config import SessionConfig
+from gateway.sessions.model import Session
+from gateway.sessions.seal import KeyRing, assemble_cookie, chunk_cookie, cookie_names_for
+from gateway.sessions.stores import SessionStore
+
+_EXPIRED_DATE = "Thu, 01 Jan 1970 00:00:00 GMT"
+
+
+class Absent(enum.Enum):
+    NONE = "none"  # no cookie: login required
+    INVALID = "invalid"  # a cookie that does not unseal or names no session
+    EXPIRED = "expired"  # idle or absolute timeout
+
+
+@dataclass(slots=True)
+class SessionState:
+    """One provider's session as this request sees it."""
+
+    provider: str
+    cookie_name: str
+    present: list[str]  # cookie names of this session the browser sent (all chunks)
+    handle: bytes | None = None
+    session: Session | None = None
+    absent: Absent | None = None
+    dirty: bool = False  # the cookie must be written on this response
+    cleared: bool = False
+    set_cookies: list[str] = field(default_factory=list)
+
+
+class SessionManager:
+    def __init__(self, config: SessionConfig, keyring: KeyRing, store: SessionStore) -> None:
+        self.store = store
+        self._keyring = keyring
+        self._idle = config.idle_timeout
+        self._absolute = config.absolute_timeout
+        # Rewriting the cookie on every request only to move last_seen would
+        # cost a seal and a Set-Cookie each time; do it at this granularity.
+        self._touch_every = min(60.0, config.idle_timeout / 10)
+        prefix = f"__Host-{config.cookie_prefix}-" if config.secure else f"{config.cookie_prefix}-"
+        self._name_prefix = prefix
+        attributes = ["Path=/", "HttpOnly", f"SameSite={config.same_site}"]
+        if config.secure:
+            attributes.insert(1, "Secure")
+        self._attributes = "; ".join(attributes)
+
+    def cookie_name(self, provider: str) -> str:
+        return self._name_prefix + provider
+
+    async def load(self, cookies: Mapping[str, str], provider: str, now: float) -> SessionState:
+        name = self.cookie_name(provider)
+        present = cookie_names_for(name, cookies) if cookies else []
+        state = SessionState(provider, name, present)
+        if not present:
+            state.absent = Absent.NONE
+            return state
+        value = assemble_cookie(name, cookies)
+        unsealed = self._keyring.unseal(value, name) if value is not None else None
+        if unsealed is None:
+            state.absent = Absent.INVALID
+            return state
+        session = await self.store.load(unsealed.plaintext)
+        if session is None or session.provider != provider:
+            state.absent = Absent.INVALID
+            return state
+        state.handle = unsealed.plaintext
+        if now - session.created_at > self._absolute or now - session.last_seen > self._idle:
+            state.absent = Absent.EXPIRED
+            return state
+        state.session = session
+        if unsealed.stale_key:
+            state.dirty = True  # re-seal under the first key on this response
+        if now - session.last_seen > self._touch_every:
+            state.session = session.touched(now)
+            state.dirty = True
+        return state
+
+    def replace(self, state: SessionState, session: Session) -> None:
+        state.session = session
+        state.absent = None
+        state.dirty = True
+
+    async def commit(self, state: SessionState) -> list[str]:
+        """Persist a changed session and return the Set-Cookie lines for this response."""
+        if state.cleared:
+            return state.set_cookies
+        if state.session is None or not state.dirty:
+            return []
+        handle = await self.store.save(state.session, state.handle)
+        state.handle = handle
+        value = self._keyring.seal(handle, state.cookie_name)
+        max_age = max(0, int(state.session.created_at + self._absolute - state.session.last_seen))
+        chunks = chunk_cookie(state.cookie_name, value)
+        written = {chunk_name for chunk_name, _ in chunks}
+        lines = [
+            f"{chunk_name}={chunk_value}; Max-Age={max_age}; {self._attributes}"
+            for chunk_name, chunk_value in chunks
+        ]
+        # A session that shrank leaves chunks behind: expire them too.
+        lines.extend(self._expire(n) for n in state.present if n not in written)
+        state.dirty = False
+        return lines
+
+    async def clear(self, state: SessionState) -> None:
+        """End the session: delete it from the store and expire every cookie chunk."""
+        if state.handle is not None:
+            await self.store.delete(state.handle)
+        state.session = None
+        state.cleared = True
+        names = state.present or [state.cookie_name]
+        state.set_cookies = [self._expire(n) for n in names]
+
+    def _expire(self, name: str) -> str:
+        return f"{name}=; Max-Age=0; Expires={_EXPIRED_DATE}; {self._attributes}"
