@@ -14,17 +14,19 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict
+from redis.asyncio import Redis
 
+from gateway.auth.cluster import LEASE_SECONDS, ClusterRefresher
 from gateway.auth.csrf import CsrfPolicy
 from gateway.auth.password import PasswordLogin
 from gateway.auth.refresh import (
     InvalidAnswer,
     RefreshCoordinator,
+    Refresher,
     RefreshRejected,
     RefreshUnavailable,
 )
-from gateway.config import Config, PasswordProvider, Route
+from gateway.config import Config, PasswordProvider, Route, SessionKey
 from gateway.errors import GatewayError, error_response
 from gateway.headers import ForwardedFor, request_id, response_headers, upstream_request_headers
 from gateway.observability.logs import ACCESS, EVENTS, AccessRecord
@@ -40,11 +42,13 @@ from gateway.proxy import (
 )
 from gateway.routing import RouteTable, split_target, upstream_path
 from gateway.sessions.manager import Absent, SessionManager, SessionState
+from gateway.sessions.redis_store import RedisStore
 from gateway.sessions.seal import KeyRing
 from gateway.sessions.stores import CookieStore, MemoryStore, SessionStore, StoreUnavailable
 from gateway.static import StaticSite
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_NO_KEY = SessionKey(id="none", secret="A" * 43)  # never seals: no sessions without keys
 
 
 @dataclass(slots=True)
@@ -89,7 +93,7 @@ class Gateway:
         config: Config,
         client: aiohttp.ClientSession,
         metrics: Metrics,
-        store: SessionStore | None = None,
+        redis: Redis | None = None,
     ) -> None:
         self.config = config
         self.client = client
@@ -103,19 +107,32 @@ class Gateway:
             session_config.csrf.header, server.public_origin, session_config.csrf.allowed_origins
         )
         self.cookie_prefix = session_config.cookie_prefix
-        self.sessions: SessionManager | None = None
-        if session_config.keys:
-            keyring = KeyRing([(k.id, k.key_bytes()) for k in session_config.keys])
-            self.sessions = SessionManager(session_config, keyring, store or default_store(config))
+        # Config validation demands keys whenever a provider exists, so a
+        # gateway without keys has no sessions at all.
+        keyring = KeyRing([(k.id, k.key_bytes()) for k in session_config.keys or [_NO_KEY]])
+        self.store = build_store(config, keyring, redis)
+        self.sessions: SessionManager | None = (
+            SessionManager(session_config, keyring, self.store) if session_config.keys else None
+        )
         self.providers: dict[str, ProviderRuntime] = {}
         for name, provider in config.providers.items():
             if isinstance(provider, PasswordProvider):
                 login = PasswordLogin(name, provider, client, server.timeouts)
+                refresher: Refresher = login
+                if redis is not None:
+                    timeouts = server.timeouts
+                    refresher = ClusterRefresher(
+                        login,
+                        redis,
+                        keyring,
+                        grace=provider.refresh_grace,
+                        wait_limit=(timeouts.connect or 60) + (timeouts.read or 60) + LEASE_SECONDS,
+                    )
                 self.providers[name] = ProviderRuntime(
                     name=name,
                     login=login,
                     coordinator=RefreshCoordinator(
-                        login, provider.refresh_grace, metrics.refresh_result
+                        refresher, provider.refresh_grace, metrics.refresh_result
                     ),
                     refresh_on=frozenset(provider.refresh_on),
                     skew=provider.refresh_skew,
@@ -430,10 +447,11 @@ def session_expired() -> GatewayError:
     return GatewayError(401, "session_expired", "the session has ended; log in again")
 
 
-def default_store(config: Config) -> SessionStore:
-    if config.session.store == "memory":
-        return MemoryStore(config.session.absolute_timeout)
+def build_store(config: Config, keyring: KeyRing, redis: Redis | None) -> SessionStore:
+    session = config.session
+    if session.store == "memory":
+        return MemoryStore(session.absolute_timeout)
+    if session.store == "redis":
+        assert redis is not None, "config validation requires redis_url for store: redis"
+        return RedisStore(redis, keyring, session.idle_timeout, session.absolute_timeout)
     return CookieStore()
-
-
-__all__ = ["CIMultiDict", "Gateway"]

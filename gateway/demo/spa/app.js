@@ -189,7 +189,7 @@
     target.dataset.expiresAt = String(state.expiresAt);
     const remaining = state.expiresAt - Date.now() / 1000;
     if (remaining > 0) {
-      target.textContent = `${Math.ceil(remaining)} s`;
+      target.textContent = `${Math.ceil(remaining)}s`;
       target.classList.remove("expired");
     } else {
       target.textContent = "expired — renewed on the next API call";
@@ -237,7 +237,7 @@
     const gained = Math.round(next - previous);
     li.append(
       document.createTextNode(
-        `Token refreshed by the gateway — new expiry ${clock(next)} (+${gained} s)`,
+        `Token refreshed by the gateway — expires ${clock(next)} (+${gained} s)`,
       ),
     );
     prependLimited(log, li);
@@ -514,7 +514,7 @@
       showLogin();
     } catch (err) {
       showLogin();
-      setStatus(`Could not reach the gateway: ${describe(err)}`);
+      setStatus(describe(err));
     }
   }
 

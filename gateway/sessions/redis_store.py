@@ -1,0 +1,89 @@
+"""Server-side sessions in Redis (SPEC §2 ``store: redis``, §6).
+
+The cookie carries only a sealed random session id. The entry is keyed by a
+hash of that id (a dump of Redis yields no usable cookie) and its value is
+the session sealed with the same key ring as cookies (encrypted at rest).
+The entry's TTL is the shorter of the idle and the absolute timeout left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from gateway.sessions.model import Session
+from gateway.sessions.seal import KeyRing
+from gateway.sessions.stores import StoreUnavailable, new_session_id
+
+_SEAL_NAME = "bff-session"
+
+
+def connect(url: str) -> aioredis.Redis:
+    # Short timeouts: a request waiting on a dead Redis should fail fast (503)
+    # rather than hang; the client reconnects by itself when Redis returns.
+    return aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=1.0,
+        socket_timeout=2.0,
+        health_check_interval=10,
+        retry_on_timeout=False,
+    )
+
+
+class RedisStore:
+    handle_is_session = False
+
+    def __init__(
+        self, client: aioredis.Redis, keyring: KeyRing, idle: float, absolute: float
+    ) -> None:
+        self._redis = client
+        self._keyring = keyring
+        self._idle = idle
+        self._absolute = absolute
+
+    @staticmethod
+    def _key(handle: bytes) -> str:
+        return "bff:session:" + hashlib.sha256(handle).hexdigest()
+
+    async def load(self, handle: bytes) -> Session | None:
+        try:
+            value = await self._redis.get(self._key(handle))
+        except RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+        if value is None:
+            return None
+        unsealed = self._keyring.unseal(_text(value), _SEAL_NAME)
+        return Session.from_bytes(unsealed.plaintext) if unsealed is not None else None
+
+    async def save(self, session: Session, handle: bytes | None) -> bytes:
+        handle = handle or new_session_id()
+        remaining = session.created_at + self._absolute - time.time()
+        ttl_ms = max(1, int(min(self._idle, remaining) * 1000))
+        sealed = self._keyring.seal(session.to_bytes(), _SEAL_NAME)
+        try:
+            await self._redis.set(self._key(handle), sealed, px=ttl_ms)
+        except RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+        return handle
+
+    async def delete(self, handle: bytes) -> None:
+        try:
+            await self._redis.delete(self._key(handle))
+        except RedisError as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._redis.ping())
+        except RedisError:
+            return False
+
+    async def close(self) -> None:
+        return None  # the Redis client belongs to whoever created it
+
+
+def _text(value: bytes | str) -> str:
+    return value if isinstance(value, str) else value.decode("ascii", "replace")

@@ -1,0 +1,178 @@
+"""Helpers to run real gateways and upstreams on loopback in tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+from aiohttp import web
+
+from gateway.config import Config, load_config_text
+from gateway.server import Listeners, gateway_listeners
+
+TEST_KEY = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"  # 32 zero bytes, base64url
+TEST_KEY_2 = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE"  # 32 bytes of 0x01
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def config_dict(routes: list[dict[str, Any]], **sections: Any) -> dict[str, Any]:
+    """A full config with free ports, a test key and plain-http cookies."""
+    server = {"listen": f"127.0.0.1:{free_port()}", "admin_listen": f"127.0.0.1:{free_port()}"}
+    server.update(sections.pop("server", {}))
+    session = {"secure": False, "keys": [{"id": "k1", "secret": TEST_KEY}]}
+    session.update(sections.pop("session", {}))
+    return {"server": server, "session": session, "routes": routes, **sections}
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    return load_config_text(yaml.safe_dump(data), env={}, source="test")
+
+
+@dataclass
+class RunningGateway:
+    listeners: Listeners
+    config: Config
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.server.listen}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.config.server.admin_listen}"
+
+    @property
+    def port(self) -> int:
+        return self.config.server.listen.port
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(data: dict[str, Any]) -> AsyncIterator[RunningGateway]:
+    """The production wiring (gateway_listeners) in this process, on free ports."""
+    config = build_config(data)
+    async with gateway_listeners(config, reuse_port=False, with_admin=True) as listeners:
+        yield RunningGateway(listeners, config)
+
+
+@contextlib.asynccontextmanager
+async def running_app(app: web.Application, **site: Any) -> AsyncIterator[str]:
+    """Serve an aiohttp app on a free loopback port; yield its base URL."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port, **site).start()
+    scheme = "https" if site.get("ssl_context") else "http"
+    try:
+        yield f"{scheme}://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def raw_request(port: int, data: bytes, *, read_until_close: bool = True) -> bytes:
+    """Send raw bytes to 127.0.0.1:port and return everything read back."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    try:
+        if read_until_close:
+            return await asyncio.wait_for(reader.read(-1), timeout=10)
+        return await asyncio.wait_for(reader.read(65536), timeout=10)
+    finally:
+        writer.close()
+
+
+def error_of(body: bytes) -> str:
+    return str(json.loads(body)["error"])
+
+
+class GatewayProcess:
+    """`bff-gateway run` as a real subprocess (for RSS, signals and workers)."""
+
+    def __init__(self, data: dict[str, Any], tmp: Path, env: dict[str, str] | None = None) -> None:
+        self.config = build_config(data)
+        self.path = tmp / "gateway.yaml"
+        self.path.write_text(yaml.safe_dump(data))
+        self.log_path = tmp / "gateway.log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.server.listen}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.config.server.admin_listen}"
+
+    def start(self, *args: str) -> None:
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "run", "--config", str(self.path), *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=REPO,
+        )
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        import urllib.request
+
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"gateway exited: {self.log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(self.admin_url + "/readyz", timeout=1) as answer:  # noqa: S310
+                    if answer.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("gateway did not become ready")
+
+    def stop(self) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        code = self.proc.wait(timeout=60)
+        self._log.close()
+        return code
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+@contextlib.contextmanager
+def gateway_process(data: dict[str, Any], tmp: Path, *args: str) -> Iterator[GatewayProcess]:
+    process = GatewayProcess(data, tmp)
+    process.start(*args)
+    try:
+        yield process
+    finally:
+        if process.proc is not None and process.proc.poll() is None:
+            process.proc.kill()
+            process.proc.wait()
+
+
+async def get_json(session: aiohttp.ClientSession, url: str, **kw: Any) -> tuple[int, Any]:
+    async with session.get(url, **kw) as response:
+        return response.status, await response.json(content_type=None)
