@@ -708,6 +708,20 @@ def create_demo_api(
         allow_head = path in ("/public/headers", "/public/download")
         app.router.add_get(path, api.resource(handler, public=True), allow_head=allow_head)
     app.router.add_route("*", "/public/echo", api.resource(api.echo, public=True))
+
+    async def counters(_: web.Request) -> web.Response:
+        # Numbers only, for `make load`'s refresh-storm check; never tokens.
+        return _json(
+            {
+                "logins": stats.logins,
+                "refresh_calls": stats.refresh_calls,
+                "refresh_rejected": stats.refresh_rejected,
+                "revoked_families": stats.revoked_families,
+                "logouts": stats.logouts,
+            }
+        )
+
+    app.router.add_get("/stats", counters)
     return app
 
 
