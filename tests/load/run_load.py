@@ -4,7 +4,8 @@ Writes locust's HTML report (charts) and a summary to test-output/, and
 exits non-zero if any request failed or a refresh storm happened: the demo
 API revokes a token family when a refresh token is presented twice, so a
 single revoked family means two refreshes raced for one expiry; and the
-number of refresh calls may not exceed one per user per token lifetime.
+number of refresh calls may not exceed one per user per token lifetime
+(the "limit" in the summary).
 """
 
 from __future__ import annotations
@@ -153,7 +154,8 @@ logging: {{level: warning, access_log: false}}
         and storms == 0
         and stats["refresh_calls"] <= allowed
     )
-    summary = f"""# make load: {USERS} users, {DURATION} s, access tokens live {ACCESS_TTL} s, {WORKERS} worker(s)
+    title = f"{USERS} users, {DURATION} s, access tokens live {ACCESS_TTL} s, {WORKERS} worker(s)"
+    summary = f"""# make load: {title}
 
 | measure | value |
 |---|---|
@@ -162,7 +164,7 @@ logging: {{level: warning, access_log: false}}
 | requests/s | {float(rps):.0f} |
 | p50 / p99 latency (ms) | {p50} / {p99} |
 | logins | {stats["logins"]} |
-| refresh calls at the token endpoint | {stats["refresh_calls"]} (at most one per user per token lifetime: ≤ {allowed}) |
+| refresh calls at the token endpoint | {stats["refresh_calls"]} (limit {allowed}) |
 | refresh tokens presented twice (storms) | {storms} |
 | refresh rejected | {stats["refresh_rejected"]} |
 

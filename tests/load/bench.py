@@ -1,0 +1,757 @@
+"""`make bench`: throughput and latency of the gateway against its baselines, in one run.
+
+Targets (same wrk settings for each; only ratios measured in one run mean much
+on a small shared machine):
+
+  a   the upstream, directly
+  b   the gateway (`python -m gateway run`, default logging: JSON access log) on
+      an `auth: none` route; b' the same with `logging: {access_log: false}`
+  b2  the gateway on a session route (a login through the gateway first, the
+      sealed cookie passed to wrk); b2' the same without the access log
+  c   a minimal aiohttp pass-through proxy (tests/load/bench_servers.py)
+  d   nginx proxying the same upstream (when nginx is installed)
+  S   a low-level aiohttp hello-world server; C an in-process aiohttp client
+      loop against the upstream; ceiling = 1 / (1/S + 1/C), the best a
+      one-process aiohttp proxy could do (a proxy is one server + one client)
+
+Plus micro-benchmarks of the session codec (seal, unseal, SessionManager).
+
+CPU placement (2 cores): the upstream runs on CPU 0, every target under test
+(gateway, baseline, nginx, hello server, client loop) on CPU 1, and wrk on the
+CPU its target is not on. BENCH_PIN=0 disables pinning.
+
+Environment: BENCH_DURATION (s, default 10), BENCH_CONNECTIONS (50),
+BENCH_THREADS (1), BENCH_WARMUP (s, default 1), BENCH_PIN (1),
+BENCH_KEEP_TMP (0: keep the temp dir with logs and configs).
+
+The table is printed and written to test-output/bench.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import timeit
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
+
+from bench_servers import HELLO_BODY, TOKEN_SIZE, jwt_like  # noqa: E402
+
+PYTHON = sys.executable
+SERVERS = str(HERE / "bench_servers.py")
+PROVIDER = "bench"
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name, "")
+    return float(value) if value.strip() else default
+
+
+DURATION = _env_float("BENCH_DURATION", 10)
+CONNECTIONS = int(_env_float("BENCH_CONNECTIONS", 50))
+THREADS = int(_env_float("BENCH_THREADS", 1))
+WARMUP = _env_float("BENCH_WARMUP", 1)
+KEEP_TMP = os.environ.get("BENCH_KEEP_TMP", "0") not in ("", "0")
+
+
+def _pinning() -> tuple[int, int] | None:
+    """(upstream CPU, target CPU), or None when pinning is off or impossible."""
+    if os.environ.get("BENCH_PIN", "1") in ("0", ""):
+        return None
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return None
+    return (cpus[0], cpus[1]) if len(cpus) >= 2 else None
+
+
+PIN = _pinning()
+UPSTREAM_CPU = PIN[0] if PIN else None
+TARGET_CPU = PIN[1] if PIN else None
+
+
+def other_cpu(cpu: int | None) -> int | None:
+    if PIN is None or cpu is None:
+        return None
+    return PIN[1] if cpu == PIN[0] else PIN[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- processes -----------------------------------------------------------------
+
+
+class Processes:
+    """Every child this run started; all stopped on exit, whatever happens."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.running: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self,
+        name: str,
+        argv: list[str],
+        *,
+        cpu: int | None,
+        env: dict[str, str] | None = None,
+        stdout: Path | None = None,
+    ) -> subprocess.Popen[bytes]:
+        log = (stdout or self.tmp / f"{name}.log").open("wb")
+        preexec: Callable[[], None] | None = None
+        if cpu is not None:
+
+            def preexec() -> None:
+                os.sched_setaffinity(0, {cpu})
+
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env={**os.environ, **(env or {})},
+                cwd=REPO,
+                start_new_session=True,  # its own process group: nginx workers die with it
+                preexec_fn=preexec,
+            )
+        finally:
+            log.close()
+        self.running.append(proc)
+        return proc
+
+    def stop(self, proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        # The group may outlive its leader (an nginx worker): make sure it is gone.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if proc in self.running:
+            self.running.remove(proc)
+
+    def stop_all(self) -> None:
+        for proc in list(reversed(self.running)):
+            self.stop(proc, timeout=5)
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 20) -> None:
+    """Poll ``url`` until it answers 200 (the process must stay alive meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited ({proc.returncode}): {_tail(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} not ready after {timeout}s: {_tail(log)}")
+
+
+def _tail(path: Path, size: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-size:]
+    except OSError:
+        return "(no log)"
+
+
+# -- wrk -------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    key: str
+    label: str
+    rps: float
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    note: str = ""
+    problems: list[str] = field(default_factory=list)
+
+
+_UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+
+
+def _ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text.strip())
+    if match is None:
+        raise ValueError(f"unexpected wrk latency {text!r}")
+    return float(match.group(1)) * _UNITS_MS[match.group(2)]
+
+
+def parse_wrk(output: str) -> tuple[float, float, float, list[str]]:
+    """(requests/s, p50 ms, p99 ms, problems) from `wrk --latency` output."""
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
+    p50 = re.search(r"^\s+50%\s+(\S+)", output, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", output, re.M)
+    if rps is None or p50 is None or p99 is None:
+        raise RuntimeError(f"could not parse wrk output:\n{output}")
+    problems = []
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
+    if non2xx:
+        problems.append(f"{non2xx.group(1)} non-2xx")
+    socket_errors = re.search(r"Socket errors:\s+(.*)", output)
+    if socket_errors:
+        problems.append(f"socket errors: {socket_errors.group(1).strip()}")
+    return float(rps.group(1)), _ms(p50.group(1)), _ms(p99.group(1)), problems
+
+
+def wrk(
+    procs: Processes,
+    url: str,
+    *,
+    server_cpu: int | None,
+    headers: tuple[str, ...] = (),
+    seconds: float,
+) -> str:
+    argv = ["wrk", f"-t{THREADS}", f"-c{CONNECTIONS}", f"-d{max(1, round(seconds))}s", "--latency"]
+    for header in headers:
+        argv += ["-H", header]
+    argv.append(url)
+    out = procs.tmp / "wrk.out"
+    proc = procs.start("wrk", argv, cpu=other_cpu(server_cpu), stdout=out)
+    try:
+        proc.wait(timeout=seconds + 30)
+    finally:
+        procs.stop(proc)
+    return out.read_text(errors="replace")
+
+
+def measure(
+    procs: Processes,
+    key: str,
+    label: str,
+    url: str,
+    *,
+    server_cpu: int | None,
+    headers: tuple[str, ...] = (),
+    note: str = "",
+) -> Result:
+    if WARMUP > 0:
+        wrk(procs, url, server_cpu=server_cpu, headers=headers, seconds=WARMUP)
+    output = wrk(procs, url, server_cpu=server_cpu, headers=headers, seconds=DURATION)
+    rps, p50, p99, problems = parse_wrk(output)
+    result = Result(key, label, rps, p50, p99, note, problems)
+    print(
+        f"  {key:<9} {rps:>10,.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
+        + (f"  ({'; '.join(problems)})" if problems else ""),
+        flush=True,
+    )
+    return result
+
+
+# -- the targets -------------------------------------------------------------------
+
+
+def check_hello(url: str, headers: dict[str, str] | None = None) -> None:
+    """One request before measuring: the target must answer the upstream's body."""
+    request = urllib.request.Request(url, headers=headers or {})
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        body = answer.read()
+        if answer.status != 200 or body != HELLO_BODY:
+            raise RuntimeError(f"{url} answered {answer.status} {body[:200]!r}")
+        if answer.headers.get("Set-Cookie"):
+            raise RuntimeError(f"{url} set a cookie on a plain call: the run would re-seal")
+
+
+def start_upstream(procs: Processes) -> str:
+    port = free_port()
+    proc = procs.start("upstream", [PYTHON, SERVERS, "upstream", str(port)], cpu=UPSTREAM_CPU)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/hello", proc, procs.tmp / "upstream.log")
+    return url
+
+
+def gateway_config(upstream: str, access_log: bool) -> tuple[dict[str, Any], str]:
+    port, admin = free_port(), free_port()
+    data: dict[str, Any] = {
+        "server": {
+            "listen": f"127.0.0.1:{port}",
+            "admin_listen": f"127.0.0.1:{admin}",
+            "workers": 1,
+            "shutdown_timeout": 1,
+        },
+        "session": {"secure": False, "keys": [{"id": "k1", "secret": "${BFF_BENCH_KEY}"}]},
+        "providers": {
+            PROVIDER: {
+                "type": "password",
+                "login_url": f"{upstream}/login",
+                "refresh_url": f"{upstream}/refresh",
+            }
+        },
+        "routes": [
+            {"path": "/open/", "upstream": f"{upstream}/", "auth": "none"},
+            {"path": "/api/", "upstream": f"{upstream}/", "auth": PROVIDER},
+        ],
+    }
+    if not access_log:
+        data["logging"] = {"access_log": False}
+    return data, f"127.0.0.1:{admin}"
+
+
+@contextlib.contextmanager
+def running_gateway(procs: Processes, upstream: str, access_log: bool) -> Iterator[str]:
+    from gateway.sessions.seal import new_key_text
+
+    data, admin = gateway_config(upstream, access_log)
+    name = "gateway" if access_log else "gateway-nolog"
+    path = procs.tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data))
+    log = procs.tmp / f"{name}.log"
+    proc = procs.start(
+        name,
+        [PYTHON, "-m", "gateway", "run", "--config", str(path)],
+        cpu=TARGET_CPU,
+        env={"BFF_BENCH_KEY": new_key_text()},
+        stdout=log,
+    )
+    try:
+        wait_http(f"http://{admin}/readyz", proc, log)
+        yield f"http://{data['server']['listen']}"
+    finally:
+        procs.stop(proc)
+
+
+async def _login(gateway: str) -> str:
+    """Log in through the gateway; return the Cookie header value the browser would send."""
+    async with (
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client,
+        client.post(
+            f"{gateway}/auth/{PROVIDER}/login",
+            json={"username": "bench", "password": "bench"},
+            headers={"X-CSRF": "1"},
+        ) as answer,
+    ):
+        body = await answer.read()
+        if answer.status != 200:
+            raise RuntimeError(f"login answered {answer.status}: {body[:200]!r}")
+        pairs = [line.split(";", 1)[0] for line in answer.headers.getall("Set-Cookie", ())]
+    if not pairs:
+        raise RuntimeError("login set no cookie")
+    return "; ".join(pairs)
+
+
+def login(gateway: str) -> str:
+    return asyncio.run(_login(gateway))
+
+
+def measure_gateway(procs: Processes, upstream: str, access_log: bool) -> list[Result]:
+    suffix = "" if access_log else "'"
+    logging_note = "JSON access log to a file" if access_log else "access_log: false"
+    results = []
+    with running_gateway(procs, upstream, access_log) as gateway:
+        check_hello(f"{gateway}/open/hello")
+        results.append(
+            measure(
+                procs,
+                f"b{suffix}",
+                "gateway, auth: none",
+                f"{gateway}/open/hello",
+                server_cpu=TARGET_CPU,
+                note=logging_note,
+            )
+        )
+        # Log in just before measuring: the session stays younger than the
+        # 60 s touch interval, so no response re-seals the cookie.
+        cookie = login(gateway)
+        check_hello(f"{gateway}/api/hello", {"Cookie": cookie})
+        results.append(
+            measure(
+                procs,
+                f"b2{suffix}",
+                "gateway, session route",
+                f"{gateway}/api/hello",
+                server_cpu=TARGET_CPU,
+                headers=(f"Cookie: {cookie}",),
+                note=f"{logging_note}; {len(cookie)}-byte cookie",
+            )
+        )
+    return results
+
+
+def measure_baseline(procs: Processes, upstream: str) -> Result:
+    port = free_port()
+    proc = procs.start("baseline", [PYTHON, SERVERS, "proxy", str(port), upstream], cpu=TARGET_CPU)
+    url = f"http://127.0.0.1:{port}/hello"
+    try:
+        wait_http(url, proc, procs.tmp / "baseline.log")
+        check_hello(url)
+        return measure(
+            procs,
+            "c",
+            "minimal aiohttp proxy",
+            url,
+            server_cpu=TARGET_CPU,
+            note="one ClientSession, streamed, headers copied",
+        )
+    finally:
+        procs.stop(proc)
+
+
+NGINX_CONF = """\
+daemon off;
+worker_processes 1;
+error_log {tmp}/nginx-error.log warn;
+pid {tmp}/nginx.pid;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {tmp}/nginx-body;
+    proxy_temp_path {tmp}/nginx-proxy;
+    fastcgi_temp_path {tmp}/nginx-fastcgi;
+    uwsgi_temp_path {tmp}/nginx-uwsgi;
+    scgi_temp_path {tmp}/nginx-scgi;
+    upstream bench_upstream {{
+        server 127.0.0.1:{upstream_port};
+        keepalive 32;
+    }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://bench_upstream;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+        }}
+    }}
+}}
+"""
+
+
+def measure_nginx(procs: Processes, upstream: str) -> Result | None:
+    nginx = shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+    )
+    if nginx is None:
+        print("  d         skipped: nginx is not installed", flush=True)
+        return None
+    port = free_port()
+    conf = procs.tmp / "nginx.conf"
+    upstream_port = upstream.rsplit(":", 1)[1]
+    conf.write_text(NGINX_CONF.format(tmp=procs.tmp, port=port, upstream_port=upstream_port))
+    argv = [nginx, "-p", str(procs.tmp), "-e", str(procs.tmp / "nginx-error.log"), "-c", str(conf)]
+    proc = procs.start("nginx", argv, cpu=TARGET_CPU)
+    url = f"http://127.0.0.1:{port}/hello"
+    try:
+        wait_http(url, proc, procs.tmp / "nginx-error.log")
+        check_hello(url)
+        return measure(
+            procs,
+            "d",
+            "nginx proxy",
+            url,
+            server_cpu=TARGET_CPU,
+            note="1 worker, keepalive 32, access_log off",
+        )
+    finally:
+        procs.stop(proc)
+
+
+def measure_hello(procs: Processes) -> Result:
+    port = free_port()
+    proc = procs.start("hello", [PYTHON, SERVERS, "hello", str(port)], cpu=TARGET_CPU)
+    url = f"http://127.0.0.1:{port}/hello"
+    try:
+        wait_http(url, proc, procs.tmp / "hello.log")
+        return measure(
+            procs,
+            "S",
+            "aiohttp hello-world server",
+            url,
+            server_cpu=TARGET_CPU,
+            note="low-level web.Server, fixed answer",
+        )
+    finally:
+        procs.stop(proc)
+
+
+def measure_client_loop(procs: Processes, upstream: str) -> Result:
+    out = procs.tmp / "client.out"
+    argv = [
+        PYTHON,
+        SERVERS,
+        "client",
+        f"{upstream}/hello",
+        str(DURATION),
+        str(CONNECTIONS),
+        str(WARMUP),
+    ]
+    proc = procs.start("client", argv, cpu=TARGET_CPU, stdout=out)
+    try:
+        code = proc.wait(timeout=DURATION + WARMUP + 30)
+    finally:
+        procs.stop(proc)
+    if code != 0:
+        raise RuntimeError(f"client loop failed: {_tail(out)}")
+    data = json.loads(out.read_text().strip().splitlines()[-1])
+    rps = data["requests"] / data["seconds"]
+    problems = [f"{data['errors']} errors"] if data["errors"] else []
+    print(f"  C         {rps:>10,.0f} req/s" + (f"  ({problems[0]})" if problems else ""))
+    return Result(
+        "C",
+        "aiohttp client loop",
+        rps,
+        note=f"{CONNECTIONS} tasks, one ClientSession (gateway's settings), in-process",
+        problems=problems,
+    )
+
+
+# -- micro-benchmarks -------------------------------------------------------------
+
+
+def _per_op_us(statement: Callable[[], object], budget: float = 0.4) -> float:
+    """Best of 5 repeats of a loop sized to take about ``budget`` seconds."""
+    timer = timeit.Timer(statement)
+    number, elapsed = timer.autorange()
+    number = max(1, int(number * budget / max(elapsed, 1e-9) / 5))
+    return min(timer.repeat(repeat=5, number=number)) / number * 1e6
+
+
+def micro_benchmarks() -> list[tuple[str, float, str]]:
+    from gateway.config import SessionConfig
+    from gateway.sessions.manager import SessionManager
+    from gateway.sessions.model import Session
+    from gateway.sessions.seal import KeyRing, decode_key, new_key_text
+    from gateway.sessions.stores import CookieStore
+
+    key = new_key_text()
+    keyring = KeyRing([("k1", decode_key(key))])
+    now = time.time()
+    session = Session(
+        provider=PROVIDER,
+        access_token=jwt_like("access"),
+        refresh_token=jwt_like("refresh"),
+        expires_at=now + 3600,
+        created_at=now,
+        last_seen=now,
+        claims={"sub": "user-0001", "name": "Bench User", "email": "bench@example.com"},
+    )
+    plaintext = session.to_bytes()
+    config = SessionConfig.model_validate({"secure": False, "keys": [{"id": "k1", "secret": key}]})
+    manager = SessionManager(config, keyring, CookieStore())
+    name = manager.cookie_name(PROVIDER)
+    sealed = keyring.seal(plaintext, name)
+    assert keyring.unseal(sealed, name) is not None
+    cookies = {name: sealed, "theme": "dark"}
+    cookie_header = f"theme=dark; {name}={sealed}"
+    size = f"{len(plaintext)}-byte session, {len(sealed)}-byte cookie value"
+
+    rows = [
+        ("KeyRing.seal", _per_op_us(lambda: keyring.seal(plaintext, name)), size),
+        ("KeyRing.unseal", _per_op_us(lambda: keyring.unseal(sealed, name)), size),
+        ("Session.to_bytes", _per_op_us(session.to_bytes), "JSON encode"),
+        ("Session.from_bytes", _per_op_us(lambda: Session.from_bytes(plaintext)), "JSON decode"),
+    ]
+
+    async def per_op_async(make: Callable[[], Any], rounds: int = 2000) -> float:
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(rounds):
+                await make()
+            best = min(best, (time.perf_counter() - start) / rounds)
+        return best * 1e6
+
+    async def manager_rows() -> list[tuple[str, float, str]]:
+        load_us = await per_op_async(lambda: manager.load(cookies, PROVIDER, time.time()))
+        state = await manager.load(cookies, PROVIDER, time.time())
+        assert state.session is not None
+
+        async def commit() -> list[str]:
+            manager.replace(state, session)
+            return await manager.commit(state)
+
+        commit_us = await per_op_async(commit)
+        return [
+            ("SessionManager.load", load_us, "assemble + unseal + decode + timeouts"),
+            ("SessionManager.commit", commit_us, "encode + seal + Set-Cookie line (after refresh)"),
+        ]
+
+    rows += asyncio.run(manager_rows())
+    try:
+        from types import MappingProxyType
+
+        from aiohttp._cookie_helpers import parse_cookie_header
+
+        def parse() -> object:
+            return MappingProxyType({k: m.value for k, m in parse_cookie_header(cookie_header)})
+
+        rows.append(("aiohttp request.cookies", _per_op_us(parse), "parse the Cookie header"))
+    except ImportError:  # a private helper of aiohttp: skip when it moves
+        pass
+    for label, us, _ in rows:
+        print(f"  {label:<24} {us:8.1f} µs/op", flush=True)
+    return rows
+
+
+# -- the report ---------------------------------------------------------------------
+
+
+def _fmt_rps(value: float) -> str:
+    return f"{value:,.0f}"
+
+
+def _fmt_ms(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f} ms"
+
+
+def _ratio(results: dict[str, Result], top: str, bottom: str) -> str:
+    if top not in results or bottom not in results or results[bottom].rps <= 0:
+        return "n/a"
+    return f"{results[top].rps / results[bottom].rps:.2f}"
+
+
+def render(results: dict[str, Result], micro: list[tuple[str, float, str]]) -> str:
+    pin = (
+        f"upstream on CPU {UPSTREAM_CPU}, target on CPU {TARGET_CPU}, wrk on the other CPU"
+        if PIN
+        else "no CPU pinning"
+    )
+    lines = [
+        "## make bench",
+        "",
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}; `wrk -t{THREADS} -c{CONNECTIONS} "
+        f"-d{max(1, round(DURATION))}s --latency` (after a {WARMUP:g} s warm-up) per target; "
+        f"{os.cpu_count()} CPUs, {pin}; Python children on uvloop; "
+        f"body {len(HELLO_BODY)} bytes; tokens ~{TOKEN_SIZE} bytes each.",
+        "",
+        "| target | req/s | p50 | p99 | notes |",
+        "|---|---:|---:|---:|---|",
+    ]
+    order = ["a", "b", "b'", "b2", "b2'", "c", "d", "S", "C", "ceiling"]
+    for key in order:
+        result = results.get(key)
+        if result is None:
+            continue
+        note = "; ".join([result.note, *result.problems]).strip("; ")
+        lines.append(
+            f"| ({key}) {result.label} | {_fmt_rps(result.rps)} | {_fmt_ms(result.p50_ms)} | "
+            f"{_fmt_ms(result.p99_ms)} | {note} |"
+        )
+    lines.append("| **ratios** | | | | |")
+    ratios = [
+        ("b/a", "b", "a", "gateway ÷ upstream direct"),
+        ("b/c", "b", "c", "gateway ÷ minimal aiohttp proxy"),
+        ("b/d", "b", "d", "gateway ÷ nginx"),
+        ("b2/b", "b2", "b", "session route ÷ auth: none route"),
+        ("b2/ceiling", "b2", "ceiling", "session route ÷ 1/(1/S + 1/C)"),
+        ("b'/b", "b'", "b", "access log off ÷ on (auth: none)"),
+        ("b2'/b2", "b2'", "b2", "access log off ÷ on (session route)"),
+        ("c/ceiling", "c", "ceiling", "minimal proxy ÷ ceiling"),
+    ]
+    for label, top, bottom, meaning in ratios:
+        lines.append(f"| {label} | {_ratio(results, top, bottom)} | | | {meaning} |")
+    lines.append("| **micro-benchmarks** | **µs/op** | | | |")
+    for label, us, note in micro:
+        lines.append(f"| {label} | {us:.1f} µs | | | {note} |")
+    return "\n".join(lines) + "\n"
+
+
+# -- main ---------------------------------------------------------------------------
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    if shutil.which("wrk") is None:
+        print("bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    tmp = Path(tempfile.mkdtemp(prefix="bff-bench-"))
+    procs = Processes(tmp)
+    started = time.monotonic()
+    failed = True
+    try:
+        print("micro-benchmarks (this process):", flush=True)
+        micro = micro_benchmarks()
+        print(f"load (wrk -t{THREADS} -c{CONNECTIONS} -d{DURATION:g}s):", flush=True)
+        upstream = start_upstream(procs)
+        results: dict[str, Result] = {}
+
+        def keep(result: Result | None) -> None:
+            if result is not None:
+                results[result.key] = result
+
+        keep(
+            measure(
+                procs,
+                "a",
+                "upstream direct",
+                f"{upstream}/hello",
+                server_cpu=UPSTREAM_CPU,
+                note="aiohttp web.Application",
+            )
+        )
+        keep(measure_hello(procs))
+        keep(measure_client_loop(procs, upstream))
+        s, c = results["S"].rps, results["C"].rps
+        results["ceiling"] = Result(
+            "ceiling",
+            "ceiling 1/(1/S + 1/C)",
+            1 / (1 / s + 1 / c) if s > 0 and c > 0 else 0.0,
+            note="one aiohttp server + one aiohttp client in one process",
+        )
+        keep(measure_baseline(procs, upstream))
+        keep(measure_nginx(procs, upstream))
+        for result in measure_gateway(procs, upstream, access_log=True):
+            keep(result)
+        for result in measure_gateway(procs, upstream, access_log=False):
+            keep(result)
+        table = render(results, micro)
+        print()
+        print(table)
+        out_dir = REPO / "test-output"
+        out_dir.mkdir(exist_ok=True)
+        (out_dir / "bench.md").write_text(table)
+        print(f"written to {out_dir / 'bench.md'} in {time.monotonic() - started:.0f} s")
+        failed = False
+        return 0
+    except KeyboardInterrupt:
+        print("\nbench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        procs.stop_all()
+        if KEEP_TMP or failed:
+            print(f"bench: logs and configs kept in {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

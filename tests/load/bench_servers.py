@@ -1,0 +1,262 @@
+"""Child processes of ``tests/load/bench.py`` (not a test module: pytest does not collect it).
+
+Run as ``python tests/load/bench_servers.py ROLE ...``:
+
+- ``upstream PORT``: the tiny API every target talks to. ``GET /hello`` answers
+  a ~60-byte JSON body (any ``Authorization`` must be a Bearer);
+  ``POST /login`` and ``POST /refresh`` answer JWT-looking tokens with a far
+  expiry, so a session never needs a refresh during the benchmark.
+- ``proxy PORT UPSTREAM_URL``: the baseline, a minimal aiohttp pass-through
+  proxy (one ClientSession, streamed body, headers copied naively).
+- ``hello PORT``: a low-level ``web.Server`` answering a fixed response (the
+  server half of the gateway's ceiling, S).
+- ``client URL SECONDS CONCURRENCY``: an in-process client loop (the client
+  half of the ceiling, C); prints ``{"requests": n, "seconds": s}`` as JSON.
+
+Every role runs on uvloop when it is installed, like ``bff-gateway run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+HELLO_BODY = b'{"message":"hello, world","service":"bench","ok":true,"n":42}'
+TOKEN_SIZE = 800
+_FAR_FUTURE = 4_102_444_800  # 2100-01-01: no refresh ever happens in a run
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def jwt_like(kind: str, size: int = TOKEN_SIZE, serial: int = 0) -> str:
+    """A JWT-shaped token of about ``size`` characters with a far ``exp``."""
+    header = _b64(b'{"alg":"RS256","typ":"JWT","kid":"bench-key-1"}')
+    claims: dict[str, Any] = {
+        "sub": "user-0001",
+        "name": "Bench User",
+        "email": "bench@example.com",
+        "preferred_username": "bench",
+        "roles": ["reader", "writer"],
+        "scope": "openid profile email api",
+        "iss": "https://idp.example.com/",
+        "aud": "bench-api",
+        "typ": kind,
+        "jti": f"{kind}-{serial:08d}",
+        "iat": 1_700_000_000,
+        "exp": _FAR_FUTURE,
+    }
+    signature = _b64(bytes(range(256)))  # 342 characters, like an RS256 signature
+    base = len(header) + len(_b64(json.dumps(claims).encode())) + len(signature) + 2
+    claims["pad"] = "x" * max(0, (size - base) * 3 // 4 - 10)
+    payload = _b64(json.dumps(claims, separators=(",", ":")).encode())
+    return f"{header}.{payload}.{signature}"
+
+
+# -- upstream ----------------------------------------------------------------
+
+
+def upstream_app() -> web.Application:
+    serial = 0
+
+    def tokens() -> dict[str, Any]:
+        nonlocal serial
+        serial += 1
+        return {
+            "token": jwt_like("access", serial=serial),
+            "refresh_token": jwt_like("refresh", serial=serial),
+            "user": {"id": 1, "name": "Bench User"},
+        }
+
+    async def hello(request: web.Request) -> web.Response:
+        authorization = request.headers.get("Authorization")
+        if authorization is not None and not authorization.startswith("Bearer "):
+            return web.json_response({"error": "unauthorized"}, status=401)
+        return web.Response(body=HELLO_BODY, content_type="application/json")
+
+    async def login(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(tokens())
+
+    async def refresh(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(tokens())
+
+    app = web.Application()
+    app.router.add_get("/hello", hello)
+    app.router.add_post("/login", login)
+    app.router.add_post("/refresh", refresh)
+    return app
+
+
+# -- baseline proxy ----------------------------------------------------------
+
+_NAIVE_REQUEST_DROP = frozenset({"host", "connection", "keep-alive", "transfer-encoding"})
+_NAIVE_RESPONSE_DROP = frozenset({"connection", "keep-alive", "transfer-encoding"})
+
+
+def proxy_server(upstream: str) -> tuple[web.Server, Callable[[], Awaitable[None]]]:
+    """A minimal streaming pass-through proxy: what 'aiohttp itself' costs."""
+    state: dict[str, aiohttp.ClientSession] = {}
+
+    def client() -> aiohttp.ClientSession:
+        if "client" not in state:
+            state["client"] = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1024),
+                cookie_jar=aiohttp.DummyCookieJar(),
+                auto_decompress=False,
+                timeout=aiohttp.ClientTimeout(total=None),
+            )
+        return state["client"]
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        headers = [
+            (k, v) for k, v in request.headers.items() if k.lower() not in _NAIVE_REQUEST_DROP
+        ]
+        async with client().request(
+            request.method,
+            upstream + request.raw_path,
+            headers=headers,
+            data=request.content if request.body_exists else None,
+            allow_redirects=False,
+        ) as answer:
+            response = web.StreamResponse(status=answer.status, reason=answer.reason)
+            for name, value in answer.headers.items():
+                if name.lower() not in _NAIVE_RESPONSE_DROP:
+                    response.headers.add(name, value)
+            await response.prepare(request)
+            async for chunk in answer.content.iter_any():
+                await response.write(chunk)
+            await response.write_eof()
+            return response
+
+    async def close() -> None:
+        if "client" in state:
+            await state["client"].close()
+
+    return web.Server(handle, access_log=None, auto_decompress=False), close
+
+
+# -- hello-world server (S) --------------------------------------------------
+
+
+def hello_server() -> web.Server:
+    async def handle(request: web.BaseRequest) -> web.Response:
+        return web.Response(body=HELLO_BODY, content_type="application/json")
+
+    return web.Server(handle, access_log=None)
+
+
+# -- client loop (C) ---------------------------------------------------------
+
+
+async def client_loop(url: str, seconds: float, concurrency: int, warmup: float) -> dict[str, Any]:
+    """``concurrency`` tasks sharing the gateway's own upstream ClientSession setup."""
+    from gateway.proxy import client_session
+
+    session = client_session()
+    counting = False
+    done = 0
+    errors = 0
+    stop = asyncio.Event()
+
+    async def worker() -> None:
+        nonlocal done, errors
+        while not stop.is_set():
+            try:
+                async with session.get(url) as answer:
+                    await answer.read()
+                    ok = answer.status == 200
+            except aiohttp.ClientError:
+                ok = False
+            if counting:
+                if ok:
+                    done += 1
+                else:
+                    errors += 1
+
+    tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
+    try:
+        await asyncio.sleep(warmup)
+        counting = True
+        start = time.perf_counter()
+        await asyncio.sleep(seconds)
+        counting = False
+        elapsed = time.perf_counter() - start
+        stop.set()
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await session.close()
+    return {"requests": done, "errors": errors, "seconds": elapsed}
+
+
+# -- serving -----------------------------------------------------------------
+
+
+Serving = tuple[web.BaseRunner, Callable[[], Awaitable[None]] | None]
+
+
+async def _serve(make: Callable[[], Serving], port: int) -> None:
+    runner, on_close = make()  # inside the loop: web.Server wants a running one
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=1024).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print("ready", flush=True)
+    await stop.wait()
+    await runner.cleanup()
+    if on_close is not None:
+        await on_close()
+
+
+def _run(main: Awaitable[Any]) -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover
+        return asyncio.run(main)  # type: ignore[arg-type]
+    return uvloop.run(main)  # type: ignore[arg-type]
+
+
+def main(argv: list[str]) -> int:
+    role = argv[0]
+    if role == "upstream":
+        _run(_serve(lambda: (web.AppRunner(upstream_app(), access_log=None), None), int(argv[1])))
+    elif role == "proxy":
+
+        def make_proxy() -> Serving:
+            server, close = proxy_server(argv[2].rstrip("/"))
+            return web.ServerRunner(server), close
+
+        _run(_serve(make_proxy, int(argv[1])))
+    elif role == "hello":
+        _run(_serve(lambda: (web.ServerRunner(hello_server()), None), int(argv[1])))
+    elif role == "client":
+        result = _run(client_loop(argv[1], float(argv[2]), int(argv[3]), float(argv[4])))
+        print(json.dumps(result), flush=True)
+    else:
+        print(f"unknown role {role!r}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
