@@ -189,7 +189,7 @@
     target.dataset.expiresAt = String(state.expiresAt);
     const remaining = state.expiresAt - Date.now() / 1000;
     if (remaining > 0) {
-      target.textContent = `${Math.ceil(remaining)}s`;
+      target.textContent = `${Math.floor(remaining)}s`;
       target.classList.remove("expired");
     } else {
       target.textContent = "expired — renewed on the next API call";
