@@ -73,19 +73,29 @@ class PasswordLogin:
             ) as response:
                 status = response.status
                 raw = await response.read()
-        except (TimeoutError, aiohttp.ClientError):
+        except TimeoutError:  # aiohttp's connect and read timeouts included
+            raise GatewayError(
+                504, "upstream_timeout", "the login service did not answer in time"
+            ) from None
+        except aiohttp.ClientError:
             raise GatewayError(
                 502, "upstream_unavailable", "the login service could not be reached"
             ) from None
         try:
             answer = json.loads(raw) if raw else {}
-        except ValueError:
+        except (ValueError, RecursionError):
             answer = None
         if status >= 500:
             raise GatewayError(502, "upstream_unavailable", "the login service failed")
+        if status < 200 or 300 <= status < 400:
+            # A redirect (never followed) or an informational status is no login answer;
+            # relaying it would hand the browser a 3xx without its Location.
+            raise GatewayError(
+                502, "upstream_invalid_response", "the login service gave no usable answer"
+            )
         if not 200 <= status < 300:
             if answer is None:
-                raise GatewayError(status if status >= 400 else 502, "login_failed", "login failed")
+                raise GatewayError(status, "login_failed", "login failed")
             return LoginResult(status, self._scrub(answer, None), None)
         tokens = self._tokens(answer) if answer is not None else None
         if tokens is None:
@@ -99,8 +109,10 @@ class PasswordLogin:
         try:
             async with self._client.post(
                 self.config.refresh_url,
-                json=payload,
-                headers={"Accept": "application/json"},
+                # The shared client skips auto headers, so say it is JSON
+                # ourselves (DRF answers 415 to a body without a type).
+                data=json.dumps(payload).encode(),
+                headers={"Accept": "application/json", "Content-Type": "application/json"},
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as response:
@@ -114,7 +126,7 @@ class PasswordLogin:
             raise RefreshUnavailable()
         try:
             answer = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RefreshUnavailable() from None
         tokens = self._tokens(answer)
         if tokens is None:
@@ -129,8 +141,11 @@ class PasswordLogin:
         try:
             async with self._client.post(
                 self.config.logout_url,
-                json=payload,
-                headers={"Authorization": f"Bearer {tokens.access_token}"},
+                data=json.dumps(payload).encode(),
+                headers={
+                    "Authorization": f"Bearer {tokens.access_token}",
+                    "Content-Type": "application/json",
+                },
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as response:
