@@ -10,27 +10,48 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 from gateway.sessions.seal import decode_key
 
+_T = TypeVar("_T")
+
 _SIZE_UNITS = {"": 1, "B": 1, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]iB|B)?\s*$", re.IGNORECASE)
 _ENV_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token (use fullmatch)
+# Control characters other than HTAB cannot appear in a header value (RFC 9110 §5.5).
+_HEADER_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Headers the gateway or its HTTP client own: injecting them would break framing or routing.
+_NOT_INJECTABLE = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "host",
+        "content-length",
+    }
+)
 
 
 class ConfigError(Exception):
@@ -109,13 +130,28 @@ class ServerTLS(_Strict):
     key_file: Path
 
 
+def _parse_network(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return ipaddress.ip_network(value.strip())
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is not an IP network in CIDR form (e.g. 10.0.0.0/8), "
+                "with no host bits set"
+            ) from None
+    return value
+
+
+Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_parse_network)]
+
+
 class Server(_Strict):
     listen: ListenAddress = Listen(host="127.0.0.1", port=8080)
     admin_listen: ListenAddress | None = Listen(host="127.0.0.1", port=9090)
     workers: int = Field(1, ge=0)
     tls: ServerTLS | None = None
     public_origin: str | None = None
-    trusted_proxies: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    trusted_proxies: list[Network] = []
     shutdown_timeout: float = Field(25, ge=0)
     limits: Limits = Limits()
     timeouts: Timeouts = Timeouts()
@@ -166,17 +202,7 @@ class SessionConfig(_Strict):
     absolute_timeout: Seconds = 43200
     keys: list[SessionKey] = []
     csrf: CSRF = CSRF()
-
-    @model_validator(mode="after")
-    def _rules(self) -> SessionConfig:
-        if self.store == "redis" and not self.redis_url:
-            raise ValueError("store: redis needs session.redis_url")
-        if not self.secure and self.same_site == "None":
-            raise ValueError("same_site: None needs secure: true (browsers reject it otherwise)")
-        ids = [key.id for key in self.keys]
-        if len(ids) != len(set(ids)):
-            raise ValueError("two keys share an id")
-        return self
+    # Rules that combine fields live in _cross_checks, so that all are reported together.
 
 
 class PasswordProvider(_Strict):
@@ -231,6 +257,25 @@ class UpstreamTLS(_Strict):
 _METHOD_RE = re.compile(r"^[A-Z]+$")
 
 
+def _inject_name(name: str) -> str:
+    if not _TOKEN_RE.fullmatch(name):
+        raise ValueError(f"{name!r} is not a valid header name")
+    if name.lower() in _NOT_INJECTABLE:
+        raise ValueError(f"{name} is managed by the gateway and cannot be injected")
+    return name
+
+
+def _inject_value(value: str) -> str:
+    # The value is a secret: never echo it.
+    if _HEADER_VALUE_BAD.search(value):
+        raise ValueError("a header value cannot contain CR, LF, NUL or other control characters")
+    return value
+
+
+InjectName = Annotated[str, AfterValidator(_inject_name)]
+InjectValue = Annotated[str, AfterValidator(_inject_value)]
+
+
 class Route(_Strict):
     path: str = Field(pattern=r"^/")
     upstream: str | None = Field(None, pattern=r"^https?://[^/?#\s]+(/[^?#\s]*)?$")
@@ -240,23 +285,10 @@ class Route(_Strict):
     max_body_size: Size | None = None
     timeouts: RouteTimeouts = RouteTimeouts()
     forward_cookies: bool = False
-    inject_headers: dict[str, str] = Field({}, repr=False)
+    inject_headers: dict[InjectName, InjectValue] = Field({}, repr=False)
     inject_query: dict[str, str] = Field({}, repr=False)
     tls: UpstreamTLS = UpstreamTLS()
-
-    @model_validator(mode="after")
-    def _target(self) -> Route:
-        if (self.upstream is None) == (self.static is None):
-            raise ValueError("a route needs exactly one of upstream or static")
-        if self.static is not None and self.auth != "none":
-            raise ValueError("static routes are public: auth must be none")
-        for name in self.inject_headers:
-            if not _TOKEN_RE.match(name):
-                raise ValueError(f"inject_headers: {name!r} is not a valid header name")
-        for value in self.inject_headers.values():
-            if any(ch in value for ch in "\r\n\0"):
-                raise ValueError("inject_headers: values cannot contain CR, LF or NUL")
-        return self
+    # "exactly one of upstream or static" and "static is public" are in _cross_checks.
 
     @field_validator("methods")
     @classmethod
@@ -289,81 +321,213 @@ class Config(_Strict):
     logging: Logging = Logging()
 
     def cross_checks(self) -> list[str]:
-        """Rules that span sections; each problem as 'key.path: reason'."""
-        problems: list[str] = []
-        seen: dict[str, int] = {}
-        for index, route in enumerate(self.routes):
-            where = f"routes.{index}"
-            if route.auth != "none" and route.auth not in self.providers:
-                problems.append(f"{where}.auth: no provider named {route.auth!r}")
-            key = route.path.rstrip("/") or "/"
-            if key in seen:
+        """Rules that span fields or sections; each problem as 'key.path: reason'."""
+        return _cross_checks(self.server, self.session, dict(self.providers), list(self.routes))
+
+
+def _cross_checks(
+    server: Server | None,
+    session: SessionConfig | None,
+    providers: Mapping[str, PasswordProvider | OAuth2Provider | None] | None,
+    routes: Sequence[Route | None] | None,
+    dropped: frozenset[str] = frozenset(),
+) -> list[str]:
+    """The rules pydantic cannot express field by field.
+
+    A part that is None did not validate (its own problems are already
+    reported): the rules that need it are skipped, the others still run, so a
+    typo in one section does not hide a rule broken in another. A provider
+    that did not validate still counts as named. ``dropped`` lists the key
+    paths left out to make a part valid: rules that would read their defaults
+    as the user's choice skip them.
+    """
+    problems: list[str] = []
+    valid_routes = [(index, route) for index, route in enumerate(routes or ()) if route]
+    seen: dict[str, int] = {}
+    for index, route in valid_routes:
+        where = f"routes.{index}"
+        chosen = {f"{where}.upstream", f"{where}.static"}
+        if not chosen & dropped and (route.upstream is None) == (route.static is None):
+            problems.append(f"{where}: a route needs exactly one of upstream or static")
+        if route.static is not None and route.auth != "none":
+            problems.append(f"{where}.auth: static routes are public: auth must be none")
+        elif route.auth != "none" and providers is not None and route.auth not in providers:
+            problems.append(f"{where}.auth: no provider named {route.auth!r}")
+        key = route.path.rstrip("/") or "/"
+        if key in seen:
+            problems.append(f"{where}.path: {route.path!r} is also the path of routes.{seen[key]}")
+        seen.setdefault(key, index)
+        if route.static is not None and not route.static.is_dir():
+            problems.append(f"{where}.static: {str(route.static)!r} is not a directory")
+        ca = route.tls.ca_file
+        if ca is not None and not ca.is_file():
+            problems.append(f"{where}.tls.ca_file: {str(ca)!r} does not exist")
+    for name, provider in (providers or {}).items():
+        if isinstance(provider, OAuth2Provider):
+            problems.append(
+                f"providers.{name}.type: oauth2 is planned but not available in this version"
+            )
+    if session is not None:
+        if (
+            session.store == "redis"
+            and not session.redis_url
+            and "session.redis_url" not in dropped
+        ):
+            problems.append("session.redis_url: needed when session.store is redis")
+        if not session.secure and session.same_site == "None":
+            problems.append(
+                "session.same_site: None needs secure: true (browsers reject it otherwise)"
+            )
+        first: dict[str, int] = {}
+        for index, session_key in enumerate(session.keys):
+            if session_key.id in first:
                 problems.append(
-                    f"{where}.path: {route.path!r} is also the path of routes.{seen[key]}"
+                    f"session.keys.{index}.id: {session_key.id!r} is also the id of "
+                    f"session.keys.{first[session_key.id]}"
                 )
-            seen[key] = index
-            if route.static is not None and not route.static.is_dir():
-                problems.append(f"{where}.static: {str(route.static)!r} is not a directory")
-        for name, provider in self.providers.items():
-            if isinstance(provider, OAuth2Provider):
-                problems.append(
-                    f"providers.{name}.type: oauth2 is planned but not available in this version"
-                )
-        if self.session.store == "memory" and self.server.workers != 1:
+            first.setdefault(session_key.id, index)
+        if server is not None and session.store == "memory" and server.workers != 1:
             problems.append(
                 "session.store: memory keeps sessions in one process; it needs server.workers: 1"
             )
-        needs_session = bool(self.providers) or any(r.auth != "none" for r in self.routes)
-        if needs_session and not self.session.keys:
+        needs_session = bool(providers) or any(
+            r.auth != "none" and r.static is None for _, r in valid_routes
+        )
+        if needs_session and not session.keys and "session.keys" not in dropped:
             problems.append(
-                "session.keys: at least one key is needed when a provider is configured"
+                "session.keys: at least one key is needed when a provider or a route with "
+                "auth is configured"
             )
-        if self.server.tls is not None:
-            for field in ("cert_file", "key_file"):
-                path = getattr(self.server.tls, field)
-                if not path.is_file():
-                    problems.append(f"server.tls.{field}: {str(path)!r} does not exist")
-        for index, route in enumerate(self.routes):
-            ca = route.tls.ca_file
-            if ca is not None and not ca.is_file():
-                problems.append(f"routes.{index}.tls.ca_file: {str(ca)!r} does not exist")
-        return problems
+    if server is not None and server.tls is not None:
+        for field in ("cert_file", "key_file"):
+            path = getattr(server.tls, field)
+            if not path.is_file():
+                problems.append(f"server.tls.{field}: {str(path)!r} does not exist")
+    return problems
 
 
-def _interpolate(node: Any, env: Mapping[str, str], path: str, problems: list[str]) -> Any:
+_PROVIDER_ADAPTER: TypeAdapter[PasswordProvider | OAuth2Provider] = TypeAdapter(Provider)
+
+
+def _salvage(validate: Callable[[Any], _T], value: Any, where: str, dropped: set[str]) -> _T | None:
+    """``validate(value)``; else the same without the keys that have problems; else None.
+
+    Each key left out is added to ``dropped`` as a key path, so that the rules
+    which would misread its default can skip it.
+    """
+    try:
+        return validate(value)
+    except ValidationError as exc:
+        errors = exc.errors()
+    if not isinstance(value, dict):
+        return None
+    tag_at = 0 if where.startswith("providers.") else None
+    keys = set()
+    for error in errors:
+        loc = _yaml_loc(error["loc"], tag_at)
+        if loc:
+            keys.add(loc[0])
+    try:
+        part = validate({k: v for k, v in value.items() if k not in keys})
+    except ValidationError:
+        return None
+    dropped.update(f"{where}.{key}" for key in keys)
+    return part
+
+
+def _partial_cross_checks(raw: Mapping[str, Any]) -> list[str]:
+    """Cross checks on the parts of an invalid config that can be made valid."""
+    dropped: set[str] = set()
+    server = _salvage(Server.model_validate, raw.get("server", {}), "server", dropped)
+    session = _salvage(SessionConfig.model_validate, raw.get("session", {}), "session", dropped)
+    raw_providers = raw.get("providers", {})
+    providers = (
+        {
+            str(name): _salvage(
+                _PROVIDER_ADAPTER.validate_python, value, f"providers.{name}", dropped
+            )
+            for name, value in raw_providers.items()
+        }
+        if isinstance(raw_providers, dict)
+        else None
+    )
+    raw_routes = raw.get("routes", [])
+    routes = (
+        [
+            _salvage(Route.model_validate, value, f"routes.{index}", dropped)
+            for index, value in enumerate(raw_routes)
+        ]
+        if isinstance(raw_routes, list)
+        else None
+    )
+    return _cross_checks(server, session, providers, routes, frozenset(dropped))
+
+
+def _interpolate(
+    node: Any, env: Mapping[str, str], path: str, missing: dict[str, list[str]]
+) -> Any:
+    """Replace ``${NAME}`` and ``${NAME:-default}`` in every string.
+
+    As in a POSIX shell, the default also applies when NAME is set but empty.
+    Each unset variable is recorded in ``missing`` as {key path: [problem, ...]}.
+    """
     if isinstance(node, str):
 
         def substitute(match: re.Match[str]) -> str:
             name, default = match.group(1), match.group(2)
-            if name in env:
-                return env[name]
+            value = env.get(name)
+            if value is not None and (value or default is None):
+                return value
             if default is not None:
                 return default
-            problems.append(f"{path or '<root>'}: environment variable {name} is not set")
+            where = path or "<root>"
+            missing.setdefault(where, []).append(f"{where}: environment variable {name} is not set")
             return ""
 
         return _ENV_RE.sub(substitute, node)
     if isinstance(node, dict):
         return {
-            key: _interpolate(value, env, f"{path}.{key}" if path else str(key), problems)
+            key: _interpolate(value, env, f"{path}.{key}" if path else str(key), missing)
             for key, value in node.items()
         }
     if isinstance(node, list):
         return [
-            _interpolate(item, env, f"{path}.{index}" if path else str(index), problems)
+            _interpolate(item, env, f"{path}.{index}" if path else str(index), missing)
             for index, item in enumerate(node)
         ]
     return node
 
 
-def _format_validation_error(error: ValidationError) -> list[str]:
+_PROVIDER_TAGS = ("password", "oauth2")
+
+
+def _yaml_loc(loc: tuple[int | str, ...], tag_at: int | None) -> list[int | str]:
+    """Pydantic's error location as YAML keys.
+
+    Left out: the provider type tag pydantic adds after ``providers.<name>``
+    (position ``tag_at``), and its markers ``[key]`` (the key of a mapping is
+    wrong) and ``function-...`` (a validator).
+    """
+    return [
+        part
+        for index, part in enumerate(loc)
+        if not (index == tag_at and part in _PROVIDER_TAGS)
+        and part != "[key]"
+        and not (isinstance(part, str) and part.startswith("function-"))
+    ]
+
+
+def _format_validation_error(error: ValidationError) -> list[tuple[str, str]]:
     problems = []
     for item in error.errors(include_url=False, include_input=False):
-        # Drop pydantic's union/discriminator tags from the path: users wrote YAML keys.
-        loc = [str(p) for p in item["loc"] if p not in ("password", "oauth2", "function-after")]
+        # Keys are the user's text: escape any that would break the line.
+        tag_at = 2 if item["loc"][:1] == ("providers",) else None
+        loc = [
+            str(p) if str(p).isprintable() else repr(str(p)) for p in _yaml_loc(item["loc"], tag_at)
+        ]
         where = ".".join(loc) or "<root>"
         message = item["msg"].removeprefix("Value error, ")
-        problems.append(f"{where}: {message}")
+        problems.append((where, message))
     return problems
 
 
@@ -380,6 +544,29 @@ def _resolve_static_dirs(raw: dict[str, Any], base_dir: Path | None) -> dict[str
     return {**raw, "routes": resolved}
 
 
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key written twice in one mapping (the last would win)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor` merges are allowed to repeat keys
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:  # an unhashable key: SafeLoader reports it itself
+                break
+            if duplicate:
+                raise _DuplicateKeyError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load_config_text(
     text: str,
     env: Mapping[str, str] | None = None,
@@ -389,21 +576,31 @@ def load_config_text(
     """Parse, interpolate and validate; raise ConfigError listing every problem."""
     env = os.environ if env is None else env
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "?"
-        raise ConfigError([f"{source}: {where}: not valid YAML"]) from None
+        # Only our own message is shown: PyYAML's may quote the text, secrets included.
+        reason = exc.problem if isinstance(exc, _DuplicateKeyError) else "not valid YAML"
+        raise ConfigError([f"{source}: {where}: {reason}"]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([f"{source}: <root>: expected a mapping of sections"])
-    problems: list[str] = []
-    raw = _interpolate(raw, env, "", problems)
+    missing: dict[str, list[str]] = {}
+    raw = _resolve_static_dirs(_interpolate(raw, env, "", missing), base_dir)
+    problems: list[str] = [problem for listed in missing.values() for problem in listed]
     try:
-        config = Config.model_validate(_resolve_static_dirs(raw, base_dir))
+        config = Config.model_validate(raw)
     except ValidationError as exc:
-        problems.extend(_format_validation_error(exc))
+        # A value emptied by an unset variable fails validation too: the unset
+        # variable is the problem to report, not its consequence.
+        problems.extend(
+            f"{where}: {message}"
+            for where, message in _format_validation_error(exc)
+            if where not in missing
+        )
+        problems.extend(_partial_cross_checks(raw))
         raise ConfigError([f"{source}: {p}" for p in problems]) from None
     problems.extend(config.cross_checks())
     if problems:
@@ -416,7 +613,9 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Confi
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from None
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{path}: cannot read: not UTF-8 text"]) from None
     return load_config_text(text, env, str(path), path.resolve().parent)
 
 
@@ -424,6 +623,7 @@ def default_config_path(explicit: str | None) -> str:
     """``--config``, else ``./config.yaml`` if present, else ``$BFF_CONFIG``."""
     if explicit:
         return explicit
-    if Path("config.yaml").is_file() or "BFF_CONFIG" not in os.environ:
+    from_env = os.environ.get("BFF_CONFIG")
+    if Path("config.yaml").is_file() or not from_env:
         return "config.yaml"
-    return os.environ["BFF_CONFIG"]
+    return from_env

@@ -64,7 +64,8 @@ class ForwardedFor:
 
 def request_id(headers: Headers) -> str:
     incoming = headers.get("X-Request-Id", "")
-    return incoming if _REQUEST_ID_RE.match(incoming) else uuid.uuid4().hex
+    # fullmatch: with match, '$' would let a trailing newline through.
+    return incoming if _REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
 
 
 def is_gateway_cookie(name: str, cookie_prefix: str) -> bool:
@@ -109,17 +110,24 @@ def upstream_request_headers(
             continue
         out.add(name, value)
 
+    def sent(name: str) -> list[str]:
+        """The client's lines of ``name``; none when its Connection header names it."""
+        return [] if name.lower() in named else incoming.getall(name, [])
+
     if forward_cookies:
-        cookies = filter_cookie_header(incoming.getall("Cookie", ()), cookie_prefix)
+        cookies = filter_cookie_header(sent("Cookie"), cookie_prefix)
         if cookies:
             out["Cookie"] = cookies
 
-    chain = incoming.get("X-Forwarded-For") if forwarded.trusted else None
+    def from_proxy(name: str) -> str | None:
+        # Several lines of one header are one comma-separated list (RFC 9110 §5.3).
+        lines = [line.strip() for line in sent(name) if line.strip()]
+        return ", ".join(lines) if forwarded.trusted and lines else None
+
+    chain = from_proxy("X-Forwarded-For")
     out["X-Forwarded-For"] = f"{chain}, {forwarded.client_ip}" if chain else forwarded.client_ip
-    proto = incoming.get("X-Forwarded-Proto") if forwarded.trusted else None
-    out["X-Forwarded-Proto"] = proto or forwarded.proto
-    fwd_host = incoming.get("X-Forwarded-Host") if forwarded.trusted else None
-    out["X-Forwarded-Host"] = fwd_host or forwarded.host
+    out["X-Forwarded-Proto"] = from_proxy("X-Forwarded-Proto") or forwarded.proto
+    out["X-Forwarded-Host"] = from_proxy("X-Forwarded-Host") or forwarded.host
     out["X-Request-Id"] = req_id
 
     for name, value in inject.items():

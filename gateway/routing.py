@@ -10,8 +10,9 @@ from urllib.parse import unquote_to_bytes
 from gateway.config import Route
 from gateway.errors import bad_request
 
-# A raw control byte, DEL, or a backslash; and their percent-encoded forms.
-_FORBIDDEN_RAW = re.compile(r"[\x00-\x1f\x7f\\]")
+# A raw control byte or DEL (anywhere in the target), a backslash (in the path:
+# browsers send a query's backslash as it is); and their percent-encoded forms.
+_FORBIDDEN_RAW = re.compile(r"[\x00-\x1f\x7f]")
 _FORBIDDEN_ENCODED = re.compile(r"%(?:[01][0-9a-fA-F]|7[fF]|5[cC])")
 _DOT_SEGMENTS = {b".", b".."}
 
@@ -29,21 +30,27 @@ def split_target(raw_target: str) -> tuple[str, str]:
     path, _, query = raw_target.partition("?")
     if "#" in raw_target:
         raise bad_request("the request target must not contain a fragment")
-    if _FORBIDDEN_RAW.search(raw_target) or _FORBIDDEN_ENCODED.search(path):
+    if _FORBIDDEN_RAW.search(raw_target) or "\\" in path or _FORBIDDEN_ENCODED.search(path):
         raise bad_request("the path contains a forbidden character")
-    if "." in path or "%2" in path or "%2" in path.upper():
+    if "." in path or "%" in path:
         _reject_dot_segments(path)
     return path, query
 
 
 def _reject_dot_segments(path: str) -> None:
-    # Decode fully and split again on both separators, so that `..%2F`,
-    # `%2e%2E` and `.%5c` are caught however an upstream would decode them.
+    # Decode and split again on both separators, so that `..%2F`, `%2e%2E` and
+    # `.%5c` are caught however an upstream decodes them; decode up to three
+    # times for upstreams that decode twice (`%252e%252e`), and drop `;params`
+    # because servlet containers read `..;` as `..`.
     for segment in path.split("/"):
-        decoded = unquote_to_bytes(segment)
-        for part in re.split(rb"[/\\]", decoded):
-            if part in _DOT_SEGMENTS:
-                raise bad_request("the path contains a dot segment")
+        decoded = segment.encode()
+        for _ in range(4):  # the raw segment, then up to three decodings
+            for part in re.split(rb"[/\\]", decoded):
+                if part.split(b";", 1)[0] in _DOT_SEGMENTS:
+                    raise bad_request("the path contains a dot segment")
+            if b"%" not in decoded:
+                break
+            decoded = unquote_to_bytes(decoded)
 
 
 @dataclass(frozen=True, slots=True)
