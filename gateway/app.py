@@ -176,19 +176,22 @@ class Gateway:
         except GatewayError as error:
             if isinstance(error, UpstreamFailure):
                 self.metrics.upstream_errors.labels(ctx.route, error.kind).inc()
-            response = await self._error(error, ctx)
+            response = await self._error(request, error, ctx)
         except UpstreamBodyBroken as broken:
             self.metrics.upstream_errors.labels(ctx.route, broken.kind).inc()
             response = broken.response
         except StoreUnavailable:
             response = await self._error(
-                GatewayError(503, "store_unavailable", "the session store is unavailable"), ctx
+                request,
+                GatewayError(503, "store_unavailable", "the session store is unavailable"),
+                ctx,
             )
         except (ConnectionResetError, aiohttp.ClientConnectionResetError):
             raise
         except Exception:
             EVENTS.exception("unhandled error", extra={"fields": {"request_id": ctx.request_id}})
             response = await self._error(
+                request,
                 GatewayError(500, "internal_error", "the gateway failed to handle the request"),
                 ctx,
             )
@@ -234,10 +237,20 @@ class Gateway:
                 },
             )
 
-    async def _error(self, error: GatewayError, ctx: Context) -> web.Response:
+    async def _error(
+        self, request: web.BaseRequest, error: GatewayError, ctx: Context
+    ) -> web.Response:
         response = error_response(error)
         response.headers["X-Request-Id"] = ctx.request_id
-        for line in await self._cookie_lines(ctx):
+        if request.body_exists and not request.content.at_eof():
+            # The body was refused unread (413, 401, 403...): close rather than
+            # wait for a body the client may never send (Expect: 100-continue).
+            response.force_close()
+        try:
+            lines = await self._cookie_lines(ctx)
+        except StoreUnavailable:
+            lines = []  # the error itself may be the store's; answer without cookies
+        for line in lines:
             response.headers.add("Set-Cookie", line)
         return response
 

@@ -184,9 +184,15 @@ async def upstream_call(
     body: RequestBody | None,
     upstream: Upstream,
 ) -> AsyncIterator[aiohttp.ClientResponse]:
-    """Open the upstream response; map connection failures to SPEC §4.4 errors."""
+    """Open the upstream response; map connection failures to SPEC §4.4 errors.
+
+    Only failures to *open* the call are mapped. What the caller raises while
+    it holds the response (a relay cut short, a session store that failed)
+    passes through unchanged: remapping it would log a 502 for a response
+    whose 200 headers the client already has.
+    """
     try:
-        async with client.request(
+        response = await client.request(
             method,
             url,
             headers=headers,
@@ -194,14 +200,15 @@ async def upstream_call(
             allow_redirects=False,
             timeout=upstream.timeout,
             ssl=upstream.ssl,
-        ) as response:
-            yield response
+        )
     except GatewayError:
         raise
     except Exception as exc:
         if body is not None and body.too_large:
             raise payload_too_large(body.limit) from None
         raise map_client_error(exc) from None
+    async with response:
+        yield response
 
 
 def map_client_error(exc: BaseException) -> UpstreamFailure:
