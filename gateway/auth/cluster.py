@@ -7,10 +7,12 @@ one refresh token is sent to the provider at most once:
    is used as it is.
 2. Otherwise take a lock keyed by the token's hash (``SET NX PX``). The
    holder refreshes, stores the result (sealed with the session key ring:
-   encrypted at rest) for ``refresh_grace`` seconds, then releases the lock.
-   Its lease is renewed while the provider call runs, so a slow refresh does
-   not lose the lock; a holder that dies stops renewing and the lease
-   expires, so nobody waits forever.
+   encrypted at rest, and bound to the result's key so that a result copied
+   onto another token's key does not unseal) for ``refresh_grace`` seconds
+   (at least one lease, so that everyone waiting now sees it even with
+   ``refresh_grace: 0``), then releases the lock. Its lease is renewed while
+   the provider call runs, so a slow refresh does not lose the lock; a holder
+   that dies stops renewing and the lease expires, so nobody waits forever.
 3. Everyone else waits for the result (or for the lock to free up, then
    tries to take it), bounded by a deadline.
 
@@ -85,7 +87,9 @@ class ClusterRefresher:
         self._provider = provider
         self._redis = client
         self._keyring = keyring
-        self._grace_ms = max(1, int(grace * 1000))
+        # Waiters on other processes only learn the result by reading it: it
+        # must outlive their polling even when no grace is wanted.
+        self._grace_ms = int(max(grace, LEASE_SECONDS) * 1000)
         self._wait_limit = wait_limit
 
     async def refresh(self, refresh_token: str) -> Tokens:
@@ -112,7 +116,7 @@ class ClusterRefresher:
         sealed = await self._redis.get(result_key)
         if sealed is None:
             return None
-        unsealed = self._keyring.unseal(_text(sealed), _SEAL_NAME)
+        unsealed = self._keyring.unseal(_text(sealed), _seal_name(result_key))
         if unsealed is None:
             return None
         tokens = _decode(unsealed.plaintext)
@@ -135,7 +139,7 @@ class ClusterRefresher:
                 tokens: Tokens | None = await self._provider.refresh(refresh_token)
             except RefreshRejected:
                 tokens = None
-            sealed = self._keyring.seal(_encode(tokens), _SEAL_NAME)
+            sealed = self._keyring.seal(_encode(tokens), _seal_name(result_key))
             await self._redis.set(result_key, sealed, px=self._grace_ms)
             if tokens is None:
                 raise RefreshRejected()
@@ -150,6 +154,10 @@ class ClusterRefresher:
             while True:
                 await asyncio.sleep(LEASE_SECONDS / 3)
                 await self._redis.eval(_EXTEND, 1, lock_key, owner, int(LEASE_SECONDS * 1000))
+
+
+def _seal_name(result_key: str) -> str:
+    return f"{_SEAL_NAME}|{result_key}"
 
 
 def _text(value: bytes | str) -> str:

@@ -4,6 +4,12 @@ The cookie carries only a sealed random session id. The entry is keyed by a
 hash of that id (a dump of Redis yields no usable cookie) and its value is
 the session sealed with the same key ring as cookies (encrypted at rest).
 The entry's TTL is the shorter of the idle and the absolute timeout left.
+
+The seal's associated data names the entry's key, so a sealed value copied
+onto another session's key (by someone who can write to Redis but has no
+session key) does not unseal. An existing session is only ever updated in
+place (``SET XX``): a request that finishes after a logout on another replica
+cannot write the deleted session back.
 """
 
 from __future__ import annotations
@@ -49,22 +55,27 @@ class RedisStore:
         return "bff:session:" + hashlib.sha256(handle).hexdigest()
 
     async def load(self, handle: bytes) -> Session | None:
+        key = self._key(handle)
         try:
-            value = await self._redis.get(self._key(handle))
+            value = await self._redis.get(key)
         except RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         if value is None:
             return None
-        unsealed = self._keyring.unseal(_text(value), _SEAL_NAME)
+        unsealed = self._keyring.unseal(_text(value), _seal_name(key))
         return Session.from_bytes(unsealed.plaintext) if unsealed is not None else None
 
     async def save(self, session: Session, handle: bytes | None) -> bytes:
+        existing = handle is not None
         handle = handle or new_session_id()
+        key = self._key(handle)
         remaining = session.created_at + self._absolute - time.time()
         ttl_ms = max(1, int(min(self._idle, remaining) * 1000))
-        sealed = self._keyring.seal(session.to_bytes(), _SEAL_NAME)
+        sealed = self._keyring.seal(session.to_bytes(), _seal_name(key))
         try:
-            await self._redis.set(self._key(handle), sealed, px=ttl_ms)
+            # XX: a session deleted meanwhile (logout, expiry) stays deleted; the
+            # cookie written with this answer then names nothing (401 next time).
+            await self._redis.set(key, sealed, px=ttl_ms, xx=existing)
         except RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         return handle
@@ -83,6 +94,10 @@ class RedisStore:
 
     async def close(self) -> None:
         return None  # the Redis client belongs to whoever created it
+
+
+def _seal_name(key: str) -> str:
+    return f"{_SEAL_NAME}|{key}"
 
 
 def _text(value: bytes | str) -> str:
