@@ -413,7 +413,9 @@ class Gateway:
         assert state.session.refresh_token is not None
         ctx.refreshed = True
         try:
-            tokens = await provider.coordinator.refresh(state.session.refresh_token)
+            tokens = await provider.coordinator.refresh(
+                state.session.refresh_token, state.session.access_token
+            )
         except RefreshRejected:
             await self.sessions.clear(state)
             raise session_expired() from None

@@ -32,7 +32,7 @@ import time
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.auth.refresh import Refresher, RefreshRejected, RefreshUnavailable
+from gateway.auth.refresh import Refresher, RefreshRejected, RefreshUnavailable, SharedTokens
 from gateway.sessions.model import Tokens
 from gateway.sessions.seal import KeyRing
 
@@ -68,10 +68,6 @@ def _decode(data: bytes) -> Tokens | None:
     return Tokens(value["access"], value["refresh"], value["exp"], value["claims"])
 
 
-class SharedResult(Tokens):
-    """Tokens another process (or replica) obtained: counted as ``coalesced``."""
-
-
 class ClusterRefresher:
     """A ``Refresher`` that coordinates through Redis before calling the provider."""
 
@@ -92,7 +88,7 @@ class ClusterRefresher:
         self._grace_ms = int(max(grace, LEASE_SECONDS) * 1000)
         self._wait_limit = wait_limit
 
-    async def refresh(self, refresh_token: str) -> Tokens:
+    async def refresh(self, refresh_token: str, stale_access: str = "") -> Tokens:
         digest = hashlib.sha256(refresh_token.encode()).hexdigest()
         result_key = f"bff:refresh:result:{self.name}:{digest}"
         lock_key = f"bff:refresh:lock:{self.name}:{digest}"
@@ -100,19 +96,22 @@ class ClusterRefresher:
         deadline = time.monotonic() + self._wait_limit
         try:
             while True:
-                shared = await self._shared(result_key)
+                shared = await self._shared(result_key, stale_access)
                 if shared is not None:
                     return shared
                 if await self._redis.set(lock_key, owner, nx=True, px=int(LEASE_SECONDS * 1000)):
-                    return await self._refresh_holding(refresh_token, result_key, lock_key, owner)
+                    return await self._refresh_holding(
+                        refresh_token, stale_access, result_key, lock_key, owner
+                    )
                 if time.monotonic() > deadline:
                     raise RefreshUnavailable()
                 await asyncio.sleep(POLL_SECONDS)
         except RedisError:
             raise RefreshUnavailable() from None
 
-    async def _shared(self, result_key: str) -> Tokens | None:
-        """A result another holder stored; raise if it was a rejection."""
+    async def _shared(self, result_key: str, stale_access: str) -> Tokens | None:
+        """A result another holder stored and newer than what the caller holds;
+        raise if it was a rejection."""
         sealed = await self._redis.get(result_key)
         if sealed is None:
             return None
@@ -122,17 +121,19 @@ class ClusterRefresher:
         tokens = _decode(unsealed.plaintext)
         if tokens is None:
             raise RefreshRejected()
-        return SharedResult(
+        if tokens.access_token == stale_access:
+            return None  # a non-rotating provider's earlier answer: ask again
+        return SharedTokens(
             tokens.access_token, tokens.refresh_token, tokens.expires_at, tokens.claims
         )
 
     async def _refresh_holding(
-        self, refresh_token: str, result_key: str, lock_key: str, owner: str
+        self, refresh_token: str, stale_access: str, result_key: str, lock_key: str, owner: str
     ) -> Tokens:
         renewer = asyncio.create_task(self._renew(lock_key, owner))
         try:
             # Someone may have finished between our read and our lock.
-            shared = await self._shared(result_key)
+            shared = await self._shared(result_key, stale_access)
             if shared is not None:
                 return shared
             try:

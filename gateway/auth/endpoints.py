@@ -134,13 +134,24 @@ class AuthEndpoints:
     ) -> web.Response:
         manager = self.gateway.sessions
         assert manager is not None
-        state: SessionState = await manager.load(request.cookies, provider.name, time.time())
+        now = time.time()
+        state: SessionState = await manager.load(request.cookies, provider.name, now)
         ctx.states.append(state)
-        if state.session is None:
-            if state.present:
+        session = state.session
+        if (
+            session is not None
+            and session.expires_at is not None
+            and session.expires_at <= now
+            and not self.gateway.can_refresh(provider, state)
+        ):
+            # Expired and cannot be refreshed: the session is over (SPEC §4.3), so do not
+            # tell the app it is logged in only for its next API call to fail.
+            await manager.clear(state)
+            session = None
+        if session is None:
+            if state.present and not state.cleared:
                 await manager.clear(state)
             return await self._respond(_json({"authenticated": False}), ctx)
-        session = state.session
         return await self._respond(
             _json(
                 {

@@ -102,7 +102,7 @@ class PasswordLogin:
             raise invalid_response("login")
         return LoginResult(status, self._scrub(answer, tokens), tokens)
 
-    async def refresh(self, refresh_token: str) -> Tokens:
+    async def refresh(self, refresh_token: str, stale_access: str = "") -> Tokens:
         if self.config.refresh_url is None:
             raise RefreshRejected()
         payload = _fill_template(self.config.refresh_body, refresh_token)

@@ -34,7 +34,16 @@ class InvalidAnswer(Exception):
 class Refresher(Protocol):
     name: str
 
-    async def refresh(self, refresh_token: str) -> Tokens: ...
+    async def refresh(self, refresh_token: str, stale_access: str = "") -> Tokens:
+        """New tokens for ``refresh_token``; ``stale_access`` is the access token
+        the caller already holds, so a shared result equal to it is no answer."""
+        ...
+
+
+class SharedTokens(Tokens):
+    """Tokens another process or replica obtained: counted as ``coalesced``."""
+
+    __slots__ = ()
 
 
 ResultHook = Callable[[str, str], None]  # (provider, result)
@@ -54,16 +63,22 @@ class RefreshCoordinator:
         self._inflight: dict[str, asyncio.Task[Tokens]] = {}
         self._recent: dict[str, tuple[float, Tokens]] = {}
 
-    async def refresh(self, refresh_token: str) -> Tokens:
+    async def refresh(self, refresh_token: str, stale_access: str) -> Tokens:
+        """New tokens for a session holding ``stale_access`` and ``refresh_token``.
+
+        A remembered result is handed out only if it is newer than what the
+        session holds: with a provider that does not rotate refresh tokens,
+        the same refresh token later needs a genuinely new access token.
+        """
         key = _key(refresh_token)
         now = time.monotonic()
         recent = self._recent.get(key)
-        if recent is not None and recent[0] > now:
+        if recent is not None and recent[0] > now and recent[1].access_token != stale_access:
             self._on_result(self._provider.name, "coalesced")
             return recent[1]
         task = self._inflight.get(key)
         if task is None:
-            task = asyncio.create_task(self._flight(key, refresh_token))
+            task = asyncio.create_task(self._flight(key, refresh_token, stale_access))
             self._inflight[key] = task
             task.add_done_callback(lambda done: self._landed(key, done))
         else:
@@ -72,13 +87,14 @@ class RefreshCoordinator:
         # other requests of the session are waiting for.
         return await asyncio.shield(task)
 
-    async def _flight(self, key: str, refresh_token: str) -> Tokens:
+    async def _flight(self, key: str, refresh_token: str, stale_access: str) -> Tokens:
         try:
-            tokens = await self._provider.refresh(refresh_token)
+            tokens = await self._provider.refresh(refresh_token, stale_access)
         except Exception as exc:
             self._on_result(self._provider.name, _result_of(exc))
             raise
-        self._on_result(self._provider.name, "success")
+        shared = isinstance(tokens, SharedTokens)
+        self._on_result(self._provider.name, "coalesced" if shared else "success")
         self._remember(key, tokens)
         return tokens
 

@@ -455,11 +455,6 @@ async def test_two_replicas_refresh_once_for_forty_concurrent_requests(
             assert up.stats.refresh_calls == 1
 
 
-@pytest.mark.xfail(
-    reason="bug: a refresh result shared from another replica is counted as result=success "
-    "(RefreshCoordinator._flight), not coalesced",
-    strict=True,
-)
 async def test_result_shared_from_another_replica_is_counted_as_coalesced(
     redis_server: RedisServer, tmp_path: Path
 ) -> None:

@@ -1,0 +1,753 @@
+"""Token refresh end to end (SPEC §4.3): proactive and reactive refresh, single flight and
+the grace cache against the strict demo API (rotating refresh tokens, family revocation on
+reuse), body replay, and how refresh failures reach the browser."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from gateway.demo.api import (
+    AUTHORITY_KEY,
+    USERS,
+    DemoStats,
+    InvalidToken,
+    TokenAuthority,
+    create_demo_api,
+)
+from gateway.sessions.model import Session
+from gateway.sessions.seal import KeyRing, decode_key
+from tests.support import (
+    TEST_KEY,
+    RunningGateway,
+    config_dict,
+    free_port,
+    running_app,
+    running_gateway,
+)
+
+# --------------------------------------------------------------------------- helpers
+# (kept in this file on purpose: tests/support.py is shared and frozen)
+
+UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+    @property
+    def set_cookies(self) -> list[str]:
+        return self.headers.getall("Set-Cookie", [])
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    @property
+    def error(self) -> str:
+        data = self.json()
+        assert set(data) == {"error", "message"}, data
+        return str(data["error"])
+
+
+def parse_set_cookie(line: str) -> tuple[str, str, dict[str, str | None]]:
+    first, *rest = (part.strip() for part in line.split(";"))
+    name, _, value = first.partition("=")
+    attrs: dict[str, str | None] = {}
+    for attr in rest:
+        key, eq, val = attr.partition("=")
+        attrs[key.lower()] = val if eq else None
+    return name, value, attrs
+
+
+class Browser:
+    """Keeps the cookies the gateway sets and sends them back in one Cookie line."""
+
+    def __init__(self, http: aiohttp.ClientSession, base: str) -> None:
+        self.http = http
+        self.base = base
+        self.jar: dict[str, str] = {}
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json_body: Any = None,
+        data: Any = None,
+        headers: dict[str, str] | None = None,
+        cookies: dict[str, str] | None = None,
+        csrf: bool = True,
+    ) -> Reply:
+        """``cookies`` replaces the jar for this call (and the jar is then left alone)."""
+        sent: dict[str, str] = {}
+        if csrf and method in UNSAFE:
+            sent["X-CSRF"] = "1"
+        jar = self.jar if cookies is None else cookies
+        if jar:
+            sent["Cookie"] = "; ".join(f"{k}={v}" for k, v in jar.items())
+        sent.update(headers or {})
+        async with self.http.request(
+            method, self.base + path, json=json_body, data=data, headers=sent
+        ) as response:
+            reply = Reply(response.status, response.headers, await response.read())
+        if cookies is None:
+            self.absorb(reply)
+        return reply
+
+    def absorb(self, reply: Reply) -> None:
+        for line in reply.set_cookies:
+            name, value, attrs = parse_set_cookie(line)
+            if attrs.get("max-age") == "0":
+                self.jar.pop(name, None)
+            else:
+                self.jar[name] = value
+
+
+@dataclass
+class Env:
+    upstream: str
+    stats: DemoStats
+    authority: TokenAuthority
+    gateway: RunningGateway
+    browser: Browser
+    http: aiohttp.ClientSession
+
+    @property
+    def hits(self) -> int:
+        """Requests that reached a protected resource of the upstream."""
+        return self.stats.authorized_requests + self.stats.unauthorized_requests
+
+    def new_browser(self) -> Browser:
+        return Browser(self.http, self.gateway.url)
+
+
+def demo_provider(upstream: str, **over: Any) -> dict[str, Any]:
+    return {
+        "type": "password",
+        "login_url": f"{upstream}/auth/login",
+        "refresh_url": f"{upstream}/refresh-token",
+        **over,
+    }
+
+
+@contextlib.asynccontextmanager
+async def demo_env(
+    *,
+    access_ttl: float = 300.0,
+    refresh_delay: float = 0.0,
+    provider: dict[str, Any] | None = None,
+    providers: Callable[[str], dict[str, Any]] | None = None,
+    session: dict[str, Any] | None = None,
+    server: dict[str, Any] | None = None,
+    routes: Callable[[str], list[dict[str, Any]]] | None = None,
+    setup: Callable[[web.Application], None] | None = None,
+    token_padding: int = 0,
+    serve: Callable[[web.Application], contextlib.AbstractAsyncContextManager[str]] = running_app,
+) -> AsyncIterator[Env]:
+    """The demo API as the strict upstream, a gateway with provider ``demo`` and route
+    ``/api/`` -> upstream (``auth: demo``), and a browser. ``setup`` may add routes or
+    middlewares to the demo app before it starts."""
+    stats = DemoStats()
+    app = create_demo_api(
+        access_ttl=access_ttl,
+        stats=stats,
+        refresh_delay=refresh_delay,
+        token_padding=token_padding,
+    )
+    authority = app[AUTHORITY_KEY]
+    if setup is not None:
+        setup(app)
+    async with serve(app) as upstream:
+        route_list = [{"path": "/api/", "upstream": f"{upstream}/", "auth": "demo"}]
+        if routes is not None:
+            route_list += routes(upstream)
+        provider_map = (
+            providers(upstream)
+            if providers is not None
+            else {"demo": demo_provider(upstream, **(provider or {}))}
+        )
+        data = config_dict(
+            route_list, providers=provider_map, session=session or {}, server=server or {}
+        )
+        async with (
+            running_gateway(data) as gateway,
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+        ):
+            yield Env(upstream, stats, authority, gateway, Browser(http, gateway.url), http)
+
+
+async def login(browser: Browser, user: str = "demo", provider: str = "demo") -> Reply:
+    reply = await browser.call(
+        "POST", f"/auth/{provider}/login", json_body={"username": user, "password": user}
+    )
+    assert reply.status == 200, reply.body
+    return reply
+
+
+def last_pair(stats: DemoStats) -> tuple[str, str]:
+    """The (access, refresh) tokens of the latest login or refresh."""
+    access, refresh = stats.issued_tokens[-2:]
+    return access, refresh
+
+
+def seal(session: Session, name: str = "bff-demo", key: tuple[str, str] = ("k1", TEST_KEY)) -> str:
+    return KeyRing([(key[0], decode_key(key[1]))]).seal(session.to_bytes(), name)
+
+
+def unseal(value: str, name: str = "bff-demo") -> Session:
+    opened = KeyRing([("k1", decode_key(TEST_KEY))]).unseal(value, name)
+    assert opened is not None
+    session = Session.from_bytes(opened.plaintext)
+    assert session is not None
+    return session
+
+
+def leaked(tokens: list[str], *texts: str | bytes) -> bool:
+    for text in texts:
+        s = text.decode("latin-1") if isinstance(text, bytes) else text
+        if any(token in s for token in tokens):
+            return True
+    return False
+
+
+def cookie_attrs_without_expiry(line: str) -> dict[str, str | None]:
+    _, _, attrs = parse_set_cookie(line)
+    return {k: v for k, v in attrs.items() if k not in ("max-age", "expires")}
+
+
+def serve_json(status: int, payload: Any) -> contextlib.AbstractAsyncContextManager[str]:
+    """A login API that always answers ``payload`` with ``status``."""
+
+    async def answer(request: web.Request) -> web.Response:
+        return web.json_response(payload, status=status)
+
+    app = web.Application()
+    app.router.add_post("/login", answer)
+    return running_app(app)
+
+
+# --------------------------------------------------------------------------- tools of this file
+
+
+class RefreshGate:
+    """Holds every call to the demo's /refresh-token until ``release()``."""
+
+    def __init__(self) -> None:
+        self._open = asyncio.Event()
+
+    def install(self, app: web.Application) -> None:
+        @web.middleware
+        async def gate(
+            request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        ) -> web.StreamResponse:
+            if request.path == "/refresh-token":
+                await self._open.wait()
+            return await handler(request)
+
+        app.middlewares.append(gate)
+
+    def release(self) -> None:
+        self._open.set()
+
+
+def refresh_count(env: Env, result: str) -> float:
+    registry = env.gateway.listeners.gateway.metrics.registry
+    value = registry.get_sample_value(
+        "bff_token_refresh_total", {"provider": "demo", "result": result}
+    )
+    return value or 0.0
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a condition that other tasks make true (polling a counter)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.005)
+
+
+@dataclass
+class Slurp:
+    """``POST /slurp`` on the demo app: reads the WHOLE body first, then checks the token.
+
+    Unlike the demo's /echo (which answers 401 before reading), this makes sure the gateway
+    has streamed the entire body before it learns that a refresh is needed."""
+
+    calls: list[tuple[int, str]] = field(default_factory=list)  # (length, sha256) per call
+
+    def install(self, app: web.Application) -> None:
+        authority = app[AUTHORITY_KEY]
+
+        async def slurp(request: web.Request) -> web.Response:
+            body = await request.read()
+            digest = hashlib.sha256(body).hexdigest()
+            self.calls.append((len(body), digest))
+            _, _, token = request.headers.get("Authorization", "").partition(" ")
+            try:
+                authority.verify_access_token(token)
+            except InvalidToken:
+                return web.json_response({"error": "invalid_token"}, status=401)
+            return web.json_response({"sha256": digest, "length": len(body)})
+
+        app.router.add_post("/slurp", slurp)
+
+
+def session_of(reply: Reply) -> Session:
+    [line] = [c for c in reply.set_cookies if parse_set_cookie(c)[0] == "bff-demo"]
+    return unseal(parse_set_cookie(line)[1])
+
+
+def assert_cleared(reply: Reply, login_line: str) -> None:
+    [line] = reply.set_cookies
+    name, value, attrs = parse_set_cookie(line)
+    assert (name, value, attrs["max-age"]) == ("bff-demo", "", "0")
+    assert cookie_attrs_without_expiry(line) == cookie_attrs_without_expiry(login_line)
+
+
+# --------------------------------------------------------------------------- proactive
+
+
+async def test_proactive_refresh_before_forwarding() -> None:
+    # Tokens live 10 s and refresh_skew is 30 s: every request is within the skew.
+    async with demo_env(access_ttl=10) as env:
+        await login(env.browser)
+        old_access, _ = last_pair(env.stats)
+        reply = await env.browser.call("GET", "/api/headers")
+        assert reply.status == 200
+        assert env.stats.refresh_calls == 1
+        assert env.stats.unauthorized_requests == 0
+        new_access, new_refresh = last_pair(env.stats)
+        assert new_access != old_access
+        fingerprint = hashlib.sha256(new_access.encode()).hexdigest()
+        assert reply.json()["authorization_sha256"] == [fingerprint]
+        renewed = session_of(reply)
+        assert (renewed.access_token, renewed.refresh_token) == (new_access, new_refresh)
+        assert refresh_count(env, "success") == 1
+
+
+async def test_a_refreshed_session_is_set_even_when_the_upstream_then_fails() -> None:
+    """The refresh rotated the refresh token: a response without the new cookie would leave
+    the browser with a spent token, and its next refresh after the grace period would
+    revoke the whole family. So even a gateway error carries the new session."""
+    dead = f"http://127.0.0.1:{free_port()}/"
+
+    def routes(upstream: str) -> list[dict[str, Any]]:
+        return [{"path": "/dead/", "upstream": dead, "auth": "demo"}]
+
+    async with demo_env(access_ttl=10, routes=routes) as env:
+        await login(env.browser)
+        reply = await env.browser.call("GET", "/dead/user")
+        assert reply.status == 502
+        assert reply.error == "upstream_unavailable"
+        assert env.stats.refresh_calls == 1
+        renewed = session_of(reply)
+        assert (renewed.access_token, renewed.refresh_token) == last_pair(env.stats)
+
+
+async def test_no_refresh_while_the_token_is_outside_the_skew() -> None:
+    async with demo_env(access_ttl=300, provider={"refresh_skew": 30}) as env:
+        await login(env.browser)
+        for _ in range(3):
+            assert (await env.browser.call("GET", "/api/user")).status == 200
+        assert env.stats.refresh_calls == 0
+
+
+async def test_50_concurrent_requests_refresh_once_then_the_old_cookie_gets_the_grace_tokens() -> (
+    None
+):
+    gate = RefreshGate()
+    async with demo_env(access_ttl=10, setup=gate.install) as env:
+        await login(env.browser)
+        old_jar = dict(env.browser.jar)
+
+        async def get(jar: dict[str, str]) -> Reply:
+            return await env.browser.call("GET", "/api/user", cookies=jar)
+
+        first = [asyncio.create_task(get(old_jar)) for _ in range(50)]
+        # Every request is waiting on the one refresh before it is let through.
+        await until(lambda: refresh_count(env, "coalesced") == 49)
+        gate.release()
+        replies = await asyncio.gather(*first)
+
+        assert [r.status for r in replies] == [200] * 50
+        assert env.stats.refresh_calls == 1
+        assert env.stats.refresh_rejected == 0
+        new_access, new_refresh = last_pair(env.stats)
+        assert {session_of(r).access_token for r in replies} == {new_access}
+
+        # Requests still carrying the pre-refresh cookie (sent before the browser stored the
+        # new one) get the same new tokens from the grace cache: no second refresh.
+        late = await asyncio.gather(*(get(old_jar) for _ in range(50)))
+        assert [r.status for r in late] == [200] * 50
+        assert env.stats.refresh_calls == 1
+        assert {session_of(r).access_token for r in late} == {new_access}
+        assert env.stats.unauthorized_requests == 0
+        assert env.stats.authorized_requests == 100
+
+        # The rotating family was never revoked: the new refresh token still works.
+        assert env.stats.revoked_families == 0
+        new_jar = {"bff-demo": parse_set_cookie(late[0].set_cookies[0])[1]}
+        again = await get(new_jar)
+        assert again.status == 200
+        assert env.stats.refresh_calls == 2
+        assert env.stats.refresh_rejected == 0
+        assert session_of(again).refresh_token not in (None, new_refresh)
+
+
+# --------------------------------------------------------------------------- reactive
+
+
+@pytest.mark.parametrize("store", ["cookie", "memory"])
+async def test_50_concurrent_401s_cause_one_refresh_and_every_request_is_replayed(
+    store: str,
+) -> None:
+    gate = RefreshGate()
+    async with demo_env(setup=gate.install, session={"store": store}) as env:
+        await login(env.browser)
+        env.authority.expire_access_tokens()  # the upstream now rejects the session's token
+
+        tasks = [asyncio.create_task(env.browser.call("GET", "/api/user")) for _ in range(50)]
+        await until(lambda: refresh_count(env, "coalesced") == 49)
+        gate.release()
+        replies = await asyncio.gather(*tasks)
+
+        assert [r.status for r in replies] == [200] * 50
+        assert {r.json()["username"] for r in replies} == {"demo"}
+        assert env.stats.refresh_calls == 1
+        assert env.stats.unauthorized_requests == 50  # each first attempt
+        assert env.stats.authorized_requests == 50  # each replay
+        assert all(r.set_cookies for r in replies)
+        if store == "cookie":
+            new_access, _ = last_pair(env.stats)
+            assert {session_of(r).access_token for r in replies} == {new_access}
+        assert env.stats.revoked_families == 0
+
+        # The session the browser now holds works without another refresh.
+        assert (await env.browser.call("GET", "/api/user")).status == 200
+        assert env.stats.refresh_calls == 1
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("endpoint", ["echo", "slurp"])
+async def test_a_10_kib_body_is_replayed_byte_for_byte(framing: str, endpoint: str) -> None:
+    slurp = Slurp()
+    body = os.urandom(10 * 1024)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 1000):
+            yield body[start : start + 1000]
+
+    async with demo_env(setup=slurp.install) as env:
+        await login(env.browser)
+        env.authority.expire_access_tokens()
+        data: Any = body if framing == "content-length" else chunks()
+        reply = await env.browser.call("POST", f"/api/{endpoint}", data=data)
+        assert reply.status == 200, reply.body
+        assert reply.json() == {"sha256": hashlib.sha256(body).hexdigest(), "length": len(body)}
+        assert env.stats.refresh_calls == 1
+        assert session_of(reply).access_token == last_pair(env.stats)[0]
+        if endpoint == "slurp":
+            assert len(slurp.calls) == 2  # first attempt and replay both saw the whole body
+            assert slurp.calls[0] == slurp.calls[1]
+
+
+async def test_a_body_over_retry_buffer_size_is_not_replayed_but_the_cookie_is_refreshed() -> None:
+    slurp = Slurp()
+    server = {"limits": {"retry_buffer_size": 4096}}
+    async with demo_env(server=server, setup=slurp.install) as env:
+        await login(env.browser)
+        old_cookie = env.browser.jar["bff-demo"]
+        env.authority.expire_access_tokens()
+
+        big = os.urandom(10 * 1024)
+        reply = await env.browser.call("POST", "/api/slurp", data=big)
+        assert reply.status == 401  # the upstream's own answer, not a gateway error
+        assert reply.json() == {"error": "invalid_token"}
+        assert len(slurp.calls) == 1  # no replay
+        assert env.stats.refresh_calls == 1
+        assert session_of(reply).access_token == last_pair(env.stats)[0]
+        assert env.browser.jar["bff-demo"] != old_cookie
+
+        # The next request already carries the refreshed session: no second refresh.
+        after = await env.browser.call("POST", "/api/slurp", data=big)
+        assert after.status == 200
+        assert after.json()["sha256"] == hashlib.sha256(big).hexdigest()
+        assert env.stats.refresh_calls == 1
+
+        # A body that fits the buffer is replayed on the same gateway.
+        env.authority.expire_access_tokens()
+        small = os.urandom(4096)
+        fits = await env.browser.call("POST", "/api/slurp", data=small)
+        assert fits.status == 200
+        assert fits.json()["sha256"] == hashlib.sha256(small).hexdigest()
+        assert env.stats.refresh_calls == 2
+        assert len(slurp.calls) == 4
+
+
+async def test_a_second_refresh_on_status_is_returned_as_it_is() -> None:
+    async with demo_env() as env:
+        await login(env.browser)
+        reply = await env.browser.call("GET", "/api/status/401")
+        assert reply.status == 401
+        assert reply.json() == {"status": 401}
+        assert env.stats.refresh_calls == 1  # one refresh, one replay, no loop
+        assert env.stats.authorized_requests == 2
+        assert session_of(reply).access_token == last_pair(env.stats)[0]
+
+
+@dataclass
+class StaticRefreshProvider:
+    """A provider that does NOT rotate: /refresh returns only a new (opaque) access token,
+    the refresh token stays the same for the whole session (e.g. simplejwt's default)."""
+
+    refresh_token: str = "static-refresh-token-0123456789"
+    valid: set[str] = field(default_factory=set)
+    refresh_calls: int = 0
+    counter: int = 0
+
+    def _access(self) -> str:
+        self.counter += 1
+        token = f"opaque-access-{self.counter}-{os.urandom(8).hex()}"
+        self.valid.add(token)
+        return token
+
+    def app(self) -> web.Application:
+        async def login_(request: web.Request) -> web.Response:
+            return web.json_response({"token": self._access(), "refresh_token": self.refresh_token})
+
+        async def refresh(request: web.Request) -> web.Response:
+            self.refresh_calls += 1
+            if (await request.json()).get("refresh_token") != self.refresh_token:
+                return web.json_response({"error": "invalid_grant"}, status=400)
+            return web.json_response({"token": self._access()})
+
+        async def user(request: web.Request) -> web.Response:
+            token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            if token not in self.valid:
+                return web.json_response({"error": "invalid_token"}, status=401)
+            return web.json_response({"ok": True})
+
+        app = web.Application()
+        app.router.add_post("/login", login_)
+        app.router.add_post("/refresh", refresh)
+        app.router.add_get("/user", user)
+        return app
+
+
+async def test_a_provider_that_does_not_rotate_can_refresh_again_within_the_grace_period() -> None:
+    provider = StaticRefreshProvider()
+    async with running_app(provider.app()) as base:
+        env_cm = demo_env(
+            provider={"login_url": f"{base}/login", "refresh_url": f"{base}/refresh"},
+            routes=lambda _: [{"path": "/np/", "upstream": f"{base}/", "auth": "demo"}],
+        )
+        async with env_cm as env:
+            await login(env.browser)
+            for expected_calls in (1, 2, 3):
+                provider.valid.clear()  # the provider expires every access token
+                reply = await env.browser.call("GET", "/np/user")
+                assert reply.status == 200, reply.body
+                assert provider.refresh_calls == expected_calls
+                session = session_of(reply)
+                assert session.access_token in provider.valid
+                assert session.refresh_token == provider.refresh_token
+
+
+# --------------------------------------------------------------------------- refresh failures
+
+
+@pytest.mark.parametrize("when", ["proactive", "reactive"])
+async def test_a_revoked_family_ends_the_session(when: str) -> None:
+    async with demo_env(access_ttl=10 if when == "proactive" else 300) as env:
+        login_reply = await login(env.browser)
+        access, _ = last_pair(env.stats)
+        family = env.authority.family_of(access)
+        assert family is not None
+        env.authority.revoke_family(family)
+        hits = env.hits
+
+        reply = await env.browser.call("GET", "/api/user")
+        assert reply.status == 401
+        assert reply.error == "session_expired"
+        assert env.stats.refresh_calls == 1
+        assert env.stats.refresh_rejected == 1
+        assert_cleared(reply, login_reply.set_cookies[0])
+        assert env.browser.jar == {}
+        assert env.hits == hits + (1 if when == "reactive" else 0)
+        assert refresh_count(env, "rejected") == 1
+
+
+@dataclass
+class TokenService:
+    """A refresh endpoint whose behaviour the test switches; ``ok`` rotates via the demo's
+    own authority, so the demo API accepts what it hands out."""
+
+    mode: str = "ok"
+    authority: TokenAuthority | None = None
+    calls: int = 0
+    hang: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def app(self) -> web.Application:
+        async def refresh(request: web.Request) -> web.StreamResponse:
+            self.calls += 1
+            fields = await request.json()
+            if self.mode == "hang":
+                await self.hang.wait()
+            if self.mode in ("500", "503", "429", "408", "400"):
+                return web.json_response({"error": "x"}, status=int(self.mode))
+            if self.mode == "garbage":
+                return web.Response(text="<html>oops</html>", content_type="text/html")
+            if self.mode == "no-token":
+                return web.json_response({"refresh_token": "r"})
+            assert self.authority is not None
+            try:
+                access, refresh = self.authority.refresh(fields["refresh_token"])
+            except InvalidToken:
+                return web.json_response({"error": "invalid_grant"}, status=401)
+            return web.json_response({"token": access, "refresh_token": refresh})
+
+        app = web.Application()
+        app.router.add_post("/refresh", refresh)
+        return app
+
+
+@contextlib.asynccontextmanager
+async def with_token_service(
+    service: TokenService, **env_kwargs: Any
+) -> AsyncIterator[tuple[Env, str]]:
+    async with running_app(service.app()) as base:
+        try:
+            async with demo_env(provider={"refresh_url": f"{base}/refresh"}, **env_kwargs) as env:
+                service.authority = env.authority
+                yield env, base
+        finally:
+            service.hang.set()
+
+
+async def test_a_refresh_rejected_with_400_invalid_grant_ends_the_session() -> None:
+    service = TokenService(mode="400")
+    async with with_token_service(service) as (env, _):
+        login_reply = await login(env.browser)
+        env.authority.expire_access_tokens()
+        reply = await env.browser.call("GET", "/api/user")
+        assert reply.status == 401
+        assert reply.error == "session_expired"
+        assert service.calls == 1
+        assert_cleared(reply, login_reply.set_cookies[0])
+
+
+@pytest.mark.parametrize("mode", ["500", "503", "429", "408", "garbage", "hang"])
+async def test_a_failing_refresh_endpoint_is_503_and_keeps_the_session(mode: str) -> None:
+    service = TokenService()
+    server = {"timeouts": {"read": 0.3}}
+    async with with_token_service(service, server=server) as (env, _):
+        await login(env.browser)
+        cookie = env.browser.jar["bff-demo"]
+        env.authority.expire_access_tokens()
+
+        service.mode = mode
+        reply = await env.browser.call("GET", "/api/user")
+        assert reply.status == 503
+        assert reply.error == "refresh_unavailable"
+        assert reply.set_cookies == []  # cookies kept
+        assert env.browser.jar == {"bff-demo": cookie}
+        assert service.calls == 1
+        assert refresh_count(env, "error") == 1
+
+        # The same session works once the token service is back.
+        service.mode = "ok"
+        again = await env.browser.call("GET", "/api/user")
+        assert again.status == 200
+        assert again.json()["username"] == "demo"
+        assert service.calls == 2
+        assert session_of(again).access_token == last_pair(env.stats)[0]
+
+
+async def test_a_refused_refresh_endpoint_is_503_and_keeps_the_session() -> None:
+    refused = f"http://127.0.0.1:{free_port()}/refresh"
+    async with demo_env(provider={"refresh_url": refused}) as env:
+        await login(env.browser)
+        env.authority.expire_access_tokens()
+        reply = await env.browser.call("GET", "/api/user")
+        assert reply.status == 503
+        assert reply.error == "refresh_unavailable"
+        assert reply.set_cookies == []
+        assert "bff-demo" in env.browser.jar
+
+
+async def test_a_refresh_answer_without_a_token_is_502_and_keeps_the_session() -> None:
+    service = TokenService(mode="no-token")
+    async with with_token_service(service) as (env, _):
+        await login(env.browser)
+        env.authority.expire_access_tokens()
+        reply = await env.browser.call("GET", "/api/user")
+        assert reply.status == 502
+        assert reply.error == "upstream_invalid_response"
+        assert reply.set_cookies == []
+
+
+# --------------------------------------------------------------------------- no refresh possible
+
+
+def expired_session(env: Env, *, refresh_token: str | None) -> Session:
+    now = time.time()
+    return Session(
+        provider="demo",
+        access_token=env.authority.issue_access_token(USERS["demo"]),
+        refresh_token=refresh_token,
+        expires_at=now - 5,
+        created_at=now - 60,
+        last_seen=now - 1,
+        claims={},
+    )
+
+
+async def test_without_refresh_url_an_expired_session_ends_and_the_upstream_is_not_called() -> None:
+    async with demo_env(provider={"refresh_url": None}) as env:
+        cookie = seal(expired_session(env, refresh_token="some-refresh-token"))
+        reply = await env.browser.call("GET", "/api/user", cookies={"bff-demo": cookie})
+        assert reply.status == 401
+        assert reply.error == "session_expired"
+        assert env.hits == 0
+        assert env.stats.refresh_calls == 0
+        [line] = reply.set_cookies
+        assert parse_set_cookie(line)[:2] == ("bff-demo", "")
+
+
+async def test_without_a_refresh_token_an_expired_session_ends() -> None:
+    async with demo_env() as env:
+        cookie = seal(expired_session(env, refresh_token=None))
+        reply = await env.browser.call("GET", "/api/user", cookies={"bff-demo": cookie})
+        assert reply.status == 401
+        assert reply.error == "session_expired"
+        assert env.hits == 0
+        assert env.stats.refresh_calls == 0
+
+
+async def test_without_refresh_url_a_refresh_on_status_is_returned_as_it_is() -> None:
+    async with demo_env(provider={"refresh_url": None}) as env:
+        await login(env.browser)
+        env.authority.expire_access_tokens()
+        reply = await env.browser.call("GET", "/api/user")
+        assert reply.status == 401
+        assert reply.json()["error"] == "invalid_token"  # the upstream's answer
+        assert "WWW-Authenticate" in reply.headers
+        assert env.stats.refresh_calls == 0
+        assert reply.set_cookies == []
+        assert env.stats.unauthorized_requests == 1
