@@ -86,6 +86,20 @@ async def running_app(app: web.Application, **site: Any) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def running_app_with(app: web.Application, **runner_options: Any) -> AsyncIterator[str]:
+    """Like running_app (plain http), but the keyword arguments go to web.AppRunner, e.g.
+    ``auto_decompress=False``, ``handler_cancellation=True`` or ``max_field_size=...``."""
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, **runner_options)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
 async def raw_request(port: int, data: bytes, *, read_until_close: bool = True) -> bytes:
     """Send raw bytes to 127.0.0.1:port and return everything read back."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -142,7 +156,7 @@ class GatewayProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"gateway exited: {self.log_path.read_text()}")
             try:
-                with urllib.request.urlopen(self.admin_url + "/readyz", timeout=1) as answer:  # noqa: S310
+                with urllib.request.urlopen(self.admin_url + "/readyz", timeout=1) as answer:
                     if answer.status == 200:
                         return
             except OSError:

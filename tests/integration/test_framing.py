@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from tests.support import config_dict, free_port, raw_request, running_gateway
+from tests.support import config_dict, raw_request, running_app, running_gateway
 
 # -- helpers -------------------------------------------------------------------------
 
@@ -45,18 +45,6 @@ class Counter:
         app = web.Application(client_max_size=1024**2)
         app.router.add_route("*", "/{tail:.*}", handle)
         return app
-
-
-@contextlib.asynccontextmanager
-async def serve(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
 
 
 @contextlib.asynccontextmanager
@@ -179,7 +167,7 @@ BAD_TARGETS = [
 @pytest.mark.parametrize("target", BAD_TARGETS, ids=[t.decode() for t in BAD_TARGETS])
 async def test_bad_targets_get_400_json_and_the_upstream_sees_nothing(target: bytes) -> None:
     counter = Counter()
-    async with serve(counter.app()) as upstream, gateway_for(upstream) as port:
+    async with running_app(counter.app()) as upstream, gateway_for(upstream) as port:
         data = await raw_request(
             port, b"GET " + target + b" HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
         )
@@ -200,7 +188,7 @@ async def test_bad_targets_get_400_json_and_the_upstream_sees_nothing(target: by
 )
 async def test_authority_and_asterisk_forms_are_refused(request_line: bytes) -> None:
     counter = Counter()
-    async with serve(counter.app()) as upstream, gateway_for(upstream) as port:
+    async with running_app(counter.app()) as upstream, gateway_for(upstream) as port:
         data = await raw_request(port, request_line + b"\r\nHost: gw\r\nConnection: close\r\n\r\n")
     status = int(data.split(b" ", 2)[1])
     assert status == 400
@@ -212,7 +200,7 @@ async def test_authority_and_asterisk_forms_are_refused(request_line: bytes) -> 
 
 async def test_raw_nul_and_control_bytes_in_the_target_never_reach_the_upstream() -> None:
     counter = Counter()
-    async with serve(counter.app()) as upstream, gateway_for(upstream) as port:
+    async with running_app(counter.app()) as upstream, gateway_for(upstream) as port:
         for target in (b"/api/a\x00b", b"/api/a\x01b", b"/api/a\x7fb"):
             data = await raw_request(
                 port, b"GET " + target + b" HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
@@ -229,7 +217,7 @@ async def test_content_length_with_transfer_encoding_is_not_smuggled() -> None:
     counter = Counter()
     smuggled = b"GET /api/smuggled HTTP/1.1\r\nHost: gw\r\n\r\n"
     body = b"0\r\n\r\n" + smuggled
-    async with serve(counter.app()) as upstream, gateway_for(upstream) as port:
+    async with running_app(counter.app()) as upstream, gateway_for(upstream) as port:
         data = await raw_request(
             port,
             b"POST /api/x HTTP/1.1\r\nHost: gw\r\n"
@@ -247,7 +235,7 @@ async def test_content_length_with_transfer_encoding_is_not_smuggled() -> None:
 
 async def test_head_204_304_have_no_body_and_pipelined_responses_parse() -> None:
     counter = Counter()
-    async with serve(counter.app()) as upstream, gateway_for(upstream) as port:
+    async with running_app(counter.app()) as upstream, gateway_for(upstream) as port:
         data = await raw_request(
             port,
             b"HEAD /api/data HTTP/1.1\r\nHost: gw\r\n\r\n"
@@ -307,7 +295,7 @@ async def test_a_body_on_a_204_from_the_upstream_never_reaches_the_client() -> N
 
 async def test_expect_100_continue_is_answered_by_the_gateway() -> None:
     counter = Counter()
-    async with serve(counter.app()) as upstream, gateway_for(upstream) as port:
+    async with running_app(counter.app()) as upstream, gateway_for(upstream) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             writer.write(
@@ -333,7 +321,10 @@ async def test_expect_100_continue_is_answered_by_the_gateway() -> None:
 
 async def test_expect_with_too_large_content_length_is_413_without_100() -> None:
     counter = Counter()
-    async with serve(counter.app()) as upstream, gateway_for(upstream, max_body_size=1000) as port:
+    async with (
+        running_app(counter.app()) as upstream,
+        gateway_for(upstream, max_body_size=1000) as port,
+    ):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             writer.write(
@@ -366,7 +357,7 @@ async def test_chunked_body_crossing_the_limit_is_413_and_the_upstream_gets_at_m
     app = web.Application()
     app.router.add_post("/up", count)
     chunk = b"x" * 600
-    async with serve(app) as upstream, gateway_for(upstream, max_body_size=limit) as port:
+    async with running_app(app) as upstream, gateway_for(upstream, max_body_size=limit) as port:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             writer.write(b"POST /api/up HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -387,7 +378,10 @@ async def test_chunked_body_crossing_the_limit_is_413_and_the_upstream_gets_at_m
 
 async def test_chunked_body_within_the_limit_passes() -> None:
     counter = Counter()
-    async with serve(counter.app()) as upstream, gateway_for(upstream, max_body_size=1000) as port:
+    async with (
+        running_app(counter.app()) as upstream,
+        gateway_for(upstream, max_body_size=1000) as port,
+    ):
         data = await raw_request(
             port,
             b"POST /api/up HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n"
@@ -518,7 +512,10 @@ async def test_refused_body_holding_a_request_is_never_parsed_as_one(framing: st
     else:
         head = f"Content-Length: {len(payload)}\r\n".encode()
         body = payload
-    async with serve(counter.app()) as upstream, gateway_for(upstream, max_body_size=50) as port:
+    async with (
+        running_app(counter.app()) as upstream,
+        gateway_for(upstream, max_body_size=50) as port,
+    ):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             writer.write(b"POST /api/upload HTTP/1.1\r\nHost: gw\r\n" + head + b"\r\n" + body)

@@ -27,7 +27,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.observability.logs import JsonFormatter, TextFormatter
-from tests.support import config_dict, free_port, raw_request, running_gateway
+from tests.support import config_dict, free_port, raw_request, running_app_with, running_gateway
 
 SECRET = "s3cr3t-K3Y/with+odd=chars"
 SECRET_QUERY = "q-S3CR3T/v+a=l"
@@ -76,17 +76,9 @@ class Recorder:
         return app
 
 
-@contextlib.asynccontextmanager
-async def serve(app: web.Application) -> AsyncIterator[str]:
+def serve(app: web.Application) -> contextlib.AbstractAsyncContextManager[str]:
     """Like tests.support.running_app, but the upstream never inflates gzip bodies."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, auto_decompress=False)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
+    return running_app_with(app, auto_decompress=False)
 
 
 @contextlib.asynccontextmanager

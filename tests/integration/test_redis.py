@@ -39,7 +39,15 @@ from gateway.demo.api import AUTHORITY_KEY, DemoStats, TokenAuthority, create_de
 from gateway.sessions.model import Session, Tokens
 from gateway.sessions.redis_store import RedisStore
 from gateway.sessions.seal import KeyRing, decode_key
-from tests.support import REPO, TEST_KEY, GatewayProcess, config_dict, free_port, running_app
+from tests.support import (
+    REPO,
+    TEST_KEY,
+    GatewayProcess,
+    config_dict,
+    free_port,
+    running_app,
+    running_app_with,
+)
 
 COOKIE = "bff-demo"  # secure: false in config_dict, so no __Host- prefix
 CREDENTIALS = {"username": "demo", "password": "demo"}
@@ -161,19 +169,6 @@ class DemoUpstream:
 
 
 @contextlib.asynccontextmanager
-async def _serve_cancelling(app: web.Application) -> AsyncIterator[str]:
-    """Like running_app, but a handler is cancelled when its client goes away."""
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        await runner.cleanup()
-
-
-@contextlib.asynccontextmanager
 async def demo_upstream(
     refresh_delay: float = 0.0, *, abort_on_disconnect: bool = False
 ) -> AsyncIterator[DemoUpstream]:
@@ -188,7 +183,12 @@ async def demo_upstream(
         return await handler(request)
 
     app.middlewares.append(watch)
-    serve = _serve_cancelling(app) if abort_on_disconnect else running_app(app)
+    # handler_cancellation: a handler is cancelled when its client goes away.
+    serve = (
+        running_app_with(app, handler_cancellation=True)
+        if abort_on_disconnect
+        else running_app(app)
+    )
     async with serve as url:
         yield DemoUpstream(url, stats, app[AUTHORITY_KEY], started)
 
