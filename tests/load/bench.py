@@ -16,15 +16,22 @@ on a small shared machine):
 
 Plus micro-benchmarks of the session codec (seal, unseal, SessionManager).
 
+Method: every process is started once; then BENCH_ROUNDS interleaved rounds
+(every other one in reverse order) give each target BENCH_DURATION / ROUNDS
+seconds of wrk each, and each target keeps its best round. The machine is
+shared, and noise only ever slows a run down, so the best round is the fairest
+single number; the notes show every round.
+
 CPU placement (2 cores): the upstream runs on CPU 0, every target under test
 (gateway, baseline, nginx, hello server, client loop) on CPU 1, and wrk on the
 CPU its target is not on. BENCH_PIN=0 disables pinning.
 
-Environment: BENCH_DURATION (s, default 10), BENCH_CONNECTIONS (50),
-BENCH_THREADS (1), BENCH_WARMUP (s, default 1), BENCH_PIN (1),
-BENCH_KEEP_TMP (0: keep the temp dir with logs and configs).
+Environment: BENCH_DURATION (s per target over all rounds, default 10),
+BENCH_ROUNDS (2), BENCH_CONNECTIONS (50), BENCH_THREADS (1), BENCH_WARMUP (s
+before a target's first round, default 1), BENCH_PIN (1), BENCH_KEEP_TMP (0:
+1 keeps the temp dir with logs and configs; it is always kept on a failure).
 
-The table is printed and written to test-output/bench.md.
+The table is printed and written to test-output/bench.md. Not a pytest module.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ import tempfile
 import time
 import timeit
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,7 +65,7 @@ if str(REPO) not in sys.path:
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from bench_servers import HELLO_BODY, TOKEN_SIZE, jwt_like  # noqa: E402
+from bench_servers import HELLO_BODY, TOKEN_SIZE, jwt_like  # type: ignore[import-not-found]  # noqa: E402
 
 PYTHON = sys.executable
 SERVERS = str(HERE / "bench_servers.py")
@@ -73,6 +80,7 @@ def _env_float(name: str, default: float) -> float:
 DURATION = _env_float("BENCH_DURATION", 10)
 CONNECTIONS = int(_env_float("BENCH_CONNECTIONS", 50))
 THREADS = int(_env_float("BENCH_THREADS", 1))
+ROUNDS = max(1, int(_env_float("BENCH_ROUNDS", 2)))
 WARMUP = _env_float("BENCH_WARMUP", 1)
 KEEP_TMP = os.environ.get("BENCH_KEEP_TMP", "0") not in ("", "0")
 
@@ -139,7 +147,7 @@ class Processes:
                 stdin=subprocess.DEVNULL,
                 env={**os.environ, **(env or {})},
                 cwd=REPO,
-                start_new_session=True,  # its own process group: nginx workers die with it
+                start_new_session=True,  # own group: a Ctrl-C reaches only us; we stop it
                 preexec_fn=preexec,
             )
         finally:
@@ -154,12 +162,10 @@ class Processes:
             try:
                 proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
+                # Still unreaped, so the group id is still ours (nginx: master + worker).
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        # The group may outlive its leader (an nginx worker): make sure it is gone.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
         if proc in self.running:
             self.running.remove(proc)
 
@@ -194,7 +200,19 @@ def _tail(path: Path, size: int = 2000) -> str:
 
 
 @dataclass
+class Run:
+    """One measurement of one target."""
+
+    rps: float
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Result:
+    """A target's best run, with the others kept to show the spread."""
+
     key: str
     label: str
     rps: float
@@ -202,6 +220,7 @@ class Result:
     p99_ms: float | None = None
     note: str = ""
     problems: list[str] = field(default_factory=list)
+    rounds: list[float] = field(default_factory=list)
 
 
 _UNITS_MS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
@@ -214,8 +233,8 @@ def _ms(text: str) -> float:
     return float(match.group(1)) * _UNITS_MS[match.group(2)]
 
 
-def parse_wrk(output: str) -> tuple[float, float, float, list[str]]:
-    """(requests/s, p50 ms, p99 ms, problems) from `wrk --latency` output."""
+def parse_wrk(output: str) -> Run:
+    """Requests/s, p50, p99 and any errors from `wrk --latency` output."""
     rps = re.search(r"^Requests/sec:\s+([\d.]+)", output, re.M)
     p50 = re.search(r"^\s+50%\s+(\S+)", output, re.M)
     p99 = re.search(r"^\s+99%\s+(\S+)", output, re.M)
@@ -228,7 +247,7 @@ def parse_wrk(output: str) -> tuple[float, float, float, list[str]]:
     socket_errors = re.search(r"Socket errors:\s+(.*)", output)
     if socket_errors:
         problems.append(f"socket errors: {socket_errors.group(1).strip()}")
-    return float(rps.group(1)), _ms(p50.group(1)), _ms(p99.group(1)), problems
+    return Run(float(rps.group(1)), _ms(p50.group(1)), _ms(p99.group(1)), problems)
 
 
 def wrk(
@@ -252,30 +271,54 @@ def wrk(
     return out.read_text(errors="replace")
 
 
-def measure(
-    procs: Processes,
-    key: str,
-    label: str,
-    url: str,
-    *,
-    server_cpu: int | None,
-    headers: tuple[str, ...] = (),
-    note: str = "",
-) -> Result:
-    if WARMUP > 0:
-        wrk(procs, url, server_cpu=server_cpu, headers=headers, seconds=WARMUP)
-    output = wrk(procs, url, server_cpu=server_cpu, headers=headers, seconds=DURATION)
-    rps, p50, p99, problems = parse_wrk(output)
-    result = Result(key, label, rps, p50, p99, note, problems)
-    print(
-        f"  {key:<9} {rps:>10,.0f} req/s  p50 {p50:7.2f} ms  p99 {p99:7.2f} ms"
-        + (f"  ({'; '.join(problems)})" if problems else ""),
-        flush=True,
-    )
-    return result
-
-
 # -- the targets -------------------------------------------------------------------
+
+
+@dataclass
+class Target:
+    """Something wrk measures: a URL served by a process on ``server_cpu``."""
+
+    key: str
+    label: str
+    url: str
+    server_cpu: int | None
+    note: str
+    # Called before each run: the extra request headers (the session route logs in).
+    prepare: Callable[[], tuple[str, ...]] = lambda: ()
+
+    def run(self, procs: Processes, seconds: float, warmup: float) -> Run:
+        headers = self.prepare()
+        check_hello(self.url, dict(h.split(": ", 1) for h in headers))
+        if warmup > 0:
+            wrk(procs, self.url, server_cpu=self.server_cpu, headers=headers, seconds=warmup)
+        return parse_wrk(
+            wrk(procs, self.url, server_cpu=self.server_cpu, headers=headers, seconds=seconds)
+        )
+
+
+@dataclass
+class ClientLoop:
+    """C: the aiohttp client alone, as the gateway's upstream side would run it."""
+
+    url: str
+    key: str = "C"
+    label: str = "aiohttp client loop"
+    note: str = f"{CONNECTIONS} tasks, one ClientSession (the gateway's settings)"
+
+    def run(self, procs: Processes, seconds: float, warmup: float) -> Run:
+        out = procs.tmp / "client.out"
+        argv = [PYTHON, SERVERS, "client", self.url, str(seconds), str(CONNECTIONS)]
+        argv.append(str(max(warmup, 0.3)))  # its own fresh pool always needs a moment
+        proc = procs.start("client", argv, cpu=TARGET_CPU, stdout=out)
+        try:
+            code = proc.wait(timeout=seconds + warmup + 30)
+        finally:
+            procs.stop(proc)
+        if code != 0:
+            raise RuntimeError(f"client loop failed: {_tail(out)}")
+        data = json.loads(out.read_text().strip().splitlines()[-1])
+        problems = [f"{data['errors']} errors"] if data["errors"] else []
+        return Run(data["requests"] / data["seconds"], problems=problems)
 
 
 def check_hello(url: str, headers: dict[str, str] | None = None) -> None:
@@ -286,23 +329,28 @@ def check_hello(url: str, headers: dict[str, str] | None = None) -> None:
         if answer.status != 200 or body != HELLO_BODY:
             raise RuntimeError(f"{url} answered {answer.status} {body[:200]!r}")
         if answer.headers.get("Set-Cookie"):
-            raise RuntimeError(f"{url} set a cookie on a plain call: the run would re-seal")
+            raise RuntimeError(f"{url} set a cookie on a plain call: every request would re-seal")
+
+
+def start_server(procs: Processes, name: str, argv: list[str], ready: str, log: Path) -> str:
+    proc = procs.start(name, argv, cpu=TARGET_CPU if name != "upstream" else UPSTREAM_CPU)
+    wait_http(ready, proc, log)
+    return ready
 
 
 def start_upstream(procs: Processes) -> str:
     port = free_port()
-    proc = procs.start("upstream", [PYTHON, SERVERS, "upstream", str(port)], cpu=UPSTREAM_CPU)
     url = f"http://127.0.0.1:{port}"
-    wait_http(url + "/hello", proc, procs.tmp / "upstream.log")
+    argv = [PYTHON, SERVERS, "upstream", str(port)]
+    start_server(procs, "upstream", argv, f"{url}/hello", procs.tmp / "upstream.log")
     return url
 
 
-def gateway_config(upstream: str, access_log: bool) -> tuple[dict[str, Any], str]:
-    port, admin = free_port(), free_port()
+def gateway_config(upstream: str, access_log: bool) -> dict[str, Any]:
     data: dict[str, Any] = {
         "server": {
-            "listen": f"127.0.0.1:{port}",
-            "admin_listen": f"127.0.0.1:{admin}",
+            "listen": f"127.0.0.1:{free_port()}",
+            "admin_listen": f"127.0.0.1:{free_port()}",
             "workers": 1,
             "shutdown_timeout": 1,
         },
@@ -321,14 +369,14 @@ def gateway_config(upstream: str, access_log: bool) -> tuple[dict[str, Any], str
     }
     if not access_log:
         data["logging"] = {"access_log": False}
-    return data, f"127.0.0.1:{admin}"
+    return data
 
 
-@contextlib.contextmanager
-def running_gateway(procs: Processes, upstream: str, access_log: bool) -> Iterator[str]:
+def start_gateway(procs: Processes, upstream: str, access_log: bool) -> str:
+    """`python -m gateway run` with workers 1; its stdout (the access log) goes to a file."""
     from gateway.sessions.seal import new_key_text
 
-    data, admin = gateway_config(upstream, access_log)
+    data = gateway_config(upstream, access_log)
     name = "gateway" if access_log else "gateway-nolog"
     path = procs.tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -340,15 +388,12 @@ def running_gateway(procs: Processes, upstream: str, access_log: bool) -> Iterat
         env={"BFF_BENCH_KEY": new_key_text()},
         stdout=log,
     )
-    try:
-        wait_http(f"http://{admin}/readyz", proc, log)
-        yield f"http://{data['server']['listen']}"
-    finally:
-        procs.stop(proc)
+    wait_http(f"http://{data['server']['admin_listen']}/readyz", proc, log)
+    return f"http://{data['server']['listen']}"
 
 
 async def _login(gateway: str) -> str:
-    """Log in through the gateway; return the Cookie header value the browser would send."""
+    """Log in through the gateway; return the Cookie header value a browser would send."""
     async with (
         aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as client,
         client.post(
@@ -366,61 +411,26 @@ async def _login(gateway: str) -> str:
     return "; ".join(pairs)
 
 
-def login(gateway: str) -> str:
-    return asyncio.run(_login(gateway))
+def session_headers(gateway: str) -> Callable[[], tuple[str, ...]]:
+    # A fresh login before every run keeps the session younger than the 60 s
+    # touch interval: no response of the run re-seals the cookie.
+    return lambda: (f"Cookie: {asyncio.run(_login(gateway))}",)
 
 
-def measure_gateway(procs: Processes, upstream: str, access_log: bool) -> list[Result]:
+def gateway_targets(gateway: str, access_log: bool) -> list[Target]:
     suffix = "" if access_log else "'"
-    logging_note = "JSON access log to a file" if access_log else "access_log: false"
-    results = []
-    with running_gateway(procs, upstream, access_log) as gateway:
-        check_hello(f"{gateway}/open/hello")
-        results.append(
-            measure(
-                procs,
-                f"b{suffix}",
-                "gateway, auth: none",
-                f"{gateway}/open/hello",
-                server_cpu=TARGET_CPU,
-                note=logging_note,
-            )
-        )
-        # Log in just before measuring: the session stays younger than the
-        # 60 s touch interval, so no response re-seals the cookie.
-        cookie = login(gateway)
-        check_hello(f"{gateway}/api/hello", {"Cookie": cookie})
-        results.append(
-            measure(
-                procs,
-                f"b2{suffix}",
-                "gateway, session route",
-                f"{gateway}/api/hello",
-                server_cpu=TARGET_CPU,
-                headers=(f"Cookie: {cookie}",),
-                note=f"{logging_note}; {len(cookie)}-byte cookie",
-            )
-        )
-    return results
-
-
-def measure_baseline(procs: Processes, upstream: str) -> Result:
-    port = free_port()
-    proc = procs.start("baseline", [PYTHON, SERVERS, "proxy", str(port), upstream], cpu=TARGET_CPU)
-    url = f"http://127.0.0.1:{port}/hello"
-    try:
-        wait_http(url, proc, procs.tmp / "baseline.log")
-        check_hello(url)
-        return measure(
-            procs,
-            "c",
-            "minimal aiohttp proxy",
-            url,
-            server_cpu=TARGET_CPU,
-            note="one ClientSession, streamed, headers copied",
-        )
-    finally:
-        procs.stop(proc)
+    note = "JSON access log to a file" if access_log else "logging: {access_log: false}"
+    return [
+        Target(f"b{suffix}", "gateway, auth: none", f"{gateway}/open/hello", TARGET_CPU, note),
+        Target(
+            f"b2{suffix}",
+            "gateway, session route",
+            f"{gateway}/api/hello",
+            TARGET_CPU,
+            note + "; cookie from a login through the gateway",
+            session_headers(gateway),
+        ),
+    ]
 
 
 NGINX_CONF = """\
@@ -452,82 +462,100 @@ http {{
 """
 
 
-def measure_nginx(procs: Processes, upstream: str) -> Result | None:
-    nginx = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
-    )
-    if nginx is None:
-        print("  d         skipped: nginx is not installed", flush=True)
-        return None
+def find_nginx() -> str | None:
+    found = shutil.which("nginx")
+    if found:
+        return found
+    for path in ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx"):
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def start_nginx(procs: Processes, nginx: str, upstream: str) -> str:
     port = free_port()
     conf = procs.tmp / "nginx.conf"
     upstream_port = upstream.rsplit(":", 1)[1]
     conf.write_text(NGINX_CONF.format(tmp=procs.tmp, port=port, upstream_port=upstream_port))
     argv = [nginx, "-p", str(procs.tmp), "-e", str(procs.tmp / "nginx-error.log"), "-c", str(conf)]
-    proc = procs.start("nginx", argv, cpu=TARGET_CPU)
     url = f"http://127.0.0.1:{port}/hello"
-    try:
-        wait_http(url, proc, procs.tmp / "nginx-error.log")
-        check_hello(url)
-        return measure(
-            procs,
-            "d",
-            "nginx proxy",
-            url,
-            server_cpu=TARGET_CPU,
-            note="1 worker, keepalive 32, access_log off",
-        )
-    finally:
-        procs.stop(proc)
+    return start_server(procs, "nginx", argv, url, procs.tmp / "nginx-error.log")
 
 
-def measure_hello(procs: Processes) -> Result:
-    port = free_port()
-    proc = procs.start("hello", [PYTHON, SERVERS, "hello", str(port)], cpu=TARGET_CPU)
-    url = f"http://127.0.0.1:{port}/hello"
-    try:
-        wait_http(url, proc, procs.tmp / "hello.log")
-        return measure(
-            procs,
-            "S",
-            "aiohttp hello-world server",
-            url,
-            server_cpu=TARGET_CPU,
-            note="low-level web.Server, fixed answer",
-        )
-    finally:
-        procs.stop(proc)
-
-
-def measure_client_loop(procs: Processes, upstream: str) -> Result:
-    out = procs.tmp / "client.out"
-    argv = [
-        PYTHON,
-        SERVERS,
-        "client",
-        f"{upstream}/hello",
-        str(DURATION),
-        str(CONNECTIONS),
-        str(WARMUP),
+def start_targets(procs: Processes, upstream: str) -> list[Target | ClientLoop]:
+    """Every target process, started once and kept for all rounds."""
+    targets: list[Target | ClientLoop] = [
+        Target("a", "upstream direct", f"{upstream}/hello", UPSTREAM_CPU, "aiohttp web.Application")
     ]
-    proc = procs.start("client", argv, cpu=TARGET_CPU, stdout=out)
-    try:
-        code = proc.wait(timeout=DURATION + WARMUP + 30)
-    finally:
-        procs.stop(proc)
-    if code != 0:
-        raise RuntimeError(f"client loop failed: {_tail(out)}")
-    data = json.loads(out.read_text().strip().splitlines()[-1])
-    rps = data["requests"] / data["seconds"]
-    problems = [f"{data['errors']} errors"] if data["errors"] else []
-    print(f"  C         {rps:>10,.0f} req/s" + (f"  ({problems[0]})" if problems else ""))
-    return Result(
-        "C",
-        "aiohttp client loop",
-        rps,
-        note=f"{CONNECTIONS} tasks, one ClientSession (gateway's settings), in-process",
-        problems=problems,
+    port = free_port()
+    hello = start_server(
+        procs,
+        "hello",
+        [PYTHON, SERVERS, "hello", str(port)],
+        f"http://127.0.0.1:{port}/hello",
+        procs.tmp / "hello.log",
     )
+    targets.append(
+        Target("S", "aiohttp hello-world server", hello, TARGET_CPU, "web.Server, fixed answer")
+    )
+    targets.append(ClientLoop(f"{upstream}/hello"))
+    port = free_port()
+    baseline = start_server(
+        procs,
+        "baseline",
+        [PYTHON, SERVERS, "proxy", str(port), upstream],
+        f"http://127.0.0.1:{port}/hello",
+        procs.tmp / "baseline.log",
+    )
+    targets.append(
+        Target(
+            "c", "minimal aiohttp proxy", baseline, TARGET_CPU, "one ClientSession, streamed body"
+        )
+    )
+    nginx = find_nginx()
+    if nginx is None:
+        print("nginx is not installed: no (d) row", flush=True)
+    else:
+        url = start_nginx(procs, nginx, upstream)
+        targets.append(
+            Target("d", "nginx proxy", url, TARGET_CPU, "1 worker, keepalive 32, access_log off")
+        )
+    for access_log in (True, False):
+        targets += gateway_targets(start_gateway(procs, upstream, access_log), access_log)
+    return targets
+
+
+def measure_all(procs: Processes, targets: list[Target | ClientLoop]) -> dict[str, Result]:
+    """ROUNDS interleaved rounds (every other one in reverse order); keep each target's best."""
+    runs: dict[str, list[Run]] = {t.key: [] for t in targets}
+    seconds = DURATION / ROUNDS
+    for index in range(ROUNDS):
+        print(f"round {index + 1}/{ROUNDS} ({seconds:g} s per target)", flush=True)
+        for target in targets if index % 2 == 0 else list(reversed(targets)):
+            run = target.run(procs, seconds, WARMUP if index == 0 else 0)
+            runs[target.key].append(run)
+            latency = (
+                f"  p50 {run.p50_ms:7.2f} ms  p99 {run.p99_ms:7.2f} ms"
+                if run.p50_ms is not None and run.p99_ms is not None
+                else ""
+            )
+            trouble = f"  ({'; '.join(run.problems)})" if run.problems else ""
+            print(f"  {target.key:<4} {run.rps:>10,.0f} req/s{latency}{trouble}", flush=True)
+    results = {}
+    for target in targets:
+        best = max(runs[target.key], key=lambda r: r.rps)
+        problems = [p for r in runs[target.key] for p in r.problems]
+        results[target.key] = Result(
+            target.key,
+            target.label,
+            best.rps,
+            best.p50_ms,
+            best.p99_ms,
+            target.note,
+            problems,
+            [r.rps for r in runs[target.key]],
+        )
+    return results
 
 
 # -- micro-benchmarks -------------------------------------------------------------
@@ -635,45 +663,65 @@ def _ratio(results: dict[str, Result], top: str, bottom: str) -> str:
     return f"{results[top].rps / results[bottom].rps:.2f}"
 
 
-def render(results: dict[str, Result], micro: list[tuple[str, float, str]]) -> str:
+RATIOS = [
+    ("b/a", "b", "a", "gateway ÷ upstream direct"),
+    ("b/c", "b", "c", "gateway ÷ minimal aiohttp proxy"),
+    ("b/d", "b", "d", "gateway ÷ nginx"),
+    ("b2/b", "b2", "b", "session route ÷ auth: none route"),
+    ("b2/ceiling", "b2", "ceiling", "session route ÷ 1/(1/S + 1/C)"),
+    ("b'/b", "b'", "b", "access log off ÷ on, auth: none route"),
+    ("b2'/b2", "b2'", "b2", "access log off ÷ on, session route"),
+    ("c/ceiling", "c", "ceiling", "minimal aiohttp proxy ÷ ceiling"),
+]
+
+
+def _load() -> str:
+    try:
+        return f"{os.getloadavg()[0]:.1f}"
+    except OSError:
+        return "?"
+
+
+def render(
+    results: dict[str, Result], micro: list[tuple[str, float, str]], load_before: str
+) -> str:
     pin = (
-        f"upstream on CPU {UPSTREAM_CPU}, target on CPU {TARGET_CPU}, wrk on the other CPU"
+        f"upstream on CPU {UPSTREAM_CPU}, the target on CPU {TARGET_CPU}, "
+        "wrk on the CPU its target is not on"
         if PIN
         else "no CPU pinning"
     )
+    seconds = max(1, round(DURATION / ROUNDS))
     lines = [
         "## make bench",
         "",
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')}; `wrk -t{THREADS} -c{CONNECTIONS} "
-        f"-d{max(1, round(DURATION))}s --latency` (after a {WARMUP:g} s warm-up) per target; "
-        f"{os.cpu_count()} CPUs, {pin}; Python children on uvloop; "
-        f"body {len(HELLO_BODY)} bytes; tokens ~{TOKEN_SIZE} bytes each.",
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}: `wrk -t{THREADS} -c{CONNECTIONS} -d{seconds}s "
+        f"--latency` per target in each of {ROUNDS} interleaved rounds (a {WARMUP:g} s warm-up "
+        f"first); each row is the target's best round (all rounds' req/s in brackets). "
+        f"{os.cpu_count()} CPUs shared with whatever else runs: {pin}. Python processes on "
+        f"uvloop. Upstream body {len(HELLO_BODY)} bytes; session tokens ~{TOKEN_SIZE} bytes each. "
+        f"1-minute load average {load_before} before, {_load()} after (above 2 the machine was "
+        "busy with other work: trust the ratios more than the absolute numbers).",
         "",
         "| target | req/s | p50 | p99 | notes |",
         "|---|---:|---:|---:|---|",
     ]
-    order = ["a", "b", "b'", "b2", "b2'", "c", "d", "S", "C", "ceiling"]
-    for key in order:
+    for key in ["a", "b", "b'", "b2", "b2'", "c", "d", "S", "C", "ceiling"]:
         result = results.get(key)
         if result is None:
             continue
-        note = "; ".join([result.note, *result.problems]).strip("; ")
+        spread = " / ".join(_fmt_rps(r) for r in result.rounds)
+        note = "; ".join(
+            part
+            for part in [result.note, f"[{spread}]" if spread else "", *result.problems]
+            if part
+        )
         lines.append(
             f"| ({key}) {result.label} | {_fmt_rps(result.rps)} | {_fmt_ms(result.p50_ms)} | "
             f"{_fmt_ms(result.p99_ms)} | {note} |"
         )
     lines.append("| **ratios** | | | | |")
-    ratios = [
-        ("b/a", "b", "a", "gateway ÷ upstream direct"),
-        ("b/c", "b", "c", "gateway ÷ minimal aiohttp proxy"),
-        ("b/d", "b", "d", "gateway ÷ nginx"),
-        ("b2/b", "b2", "b", "session route ÷ auth: none route"),
-        ("b2/ceiling", "b2", "ceiling", "session route ÷ 1/(1/S + 1/C)"),
-        ("b'/b", "b'", "b", "access log off ÷ on (auth: none)"),
-        ("b2'/b2", "b2'", "b2", "access log off ÷ on (session route)"),
-        ("c/ceiling", "c", "ceiling", "minimal proxy ÷ ceiling"),
-    ]
-    for label, top, bottom, meaning in ratios:
+    for label, top, bottom, meaning in RATIOS:
         lines.append(f"| {label} | {_ratio(results, top, bottom)} | | | {meaning} |")
     lines.append("| **micro-benchmarks** | **µs/op** | | | |")
     for label, us, note in micro:
@@ -684,7 +732,7 @@ def render(results: dict[str, Result], micro: list[tuple[str, float, str]]) -> s
 # -- main ---------------------------------------------------------------------------
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
+def _on_signal(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
@@ -692,62 +740,51 @@ def main() -> int:
     if shutil.which("wrk") is None:
         print("bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    # Explicitly, also for SIGINT: a shell starts background jobs with SIGINT ignored.
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     tmp = Path(tempfile.mkdtemp(prefix="bff-bench-"))
     procs = Processes(tmp)
     started = time.monotonic()
-    failed = True
+    keep = KEEP_TMP
     try:
+        load_before = _load()
         print("micro-benchmarks (this process):", flush=True)
         micro = micro_benchmarks()
-        print(f"load (wrk -t{THREADS} -c{CONNECTIONS} -d{DURATION:g}s):", flush=True)
+        print("starting the upstream and every target", flush=True)
         upstream = start_upstream(procs)
-        results: dict[str, Result] = {}
-
-        def keep(result: Result | None) -> None:
-            if result is not None:
-                results[result.key] = result
-
-        keep(
-            measure(
-                procs,
-                "a",
-                "upstream direct",
-                f"{upstream}/hello",
-                server_cpu=UPSTREAM_CPU,
-                note="aiohttp web.Application",
-            )
-        )
-        keep(measure_hello(procs))
-        keep(measure_client_loop(procs, upstream))
+        targets = start_targets(procs, upstream)
+        results = measure_all(procs, targets)
+        procs.stop_all()
         s, c = results["S"].rps, results["C"].rps
         results["ceiling"] = Result(
             "ceiling",
             "ceiling 1/(1/S + 1/C)",
             1 / (1 / s + 1 / c) if s > 0 and c > 0 else 0.0,
-            note="one aiohttp server + one aiohttp client in one process",
+            note="what one aiohttp server + one aiohttp client in one process can do",
         )
-        keep(measure_baseline(procs, upstream))
-        keep(measure_nginx(procs, upstream))
-        for result in measure_gateway(procs, upstream, access_log=True):
-            keep(result)
-        for result in measure_gateway(procs, upstream, access_log=False):
-            keep(result)
-        table = render(results, micro)
+        if c >= 0.9 * results["a"].rps:
+            results["C"].problems.append("near the upstream's own rate: C may be upstream-bound")
+        table = render(results, micro, load_before)
         print()
         print(table)
         out_dir = REPO / "test-output"
         out_dir.mkdir(exist_ok=True)
         (out_dir / "bench.md").write_text(table)
         print(f"written to {out_dir / 'bench.md'} in {time.monotonic() - started:.0f} s")
-        failed = False
         return 0
     except KeyboardInterrupt:
         print("\nbench: interrupted", file=sys.stderr)
         return 130
+    except BaseException:
+        keep = True  # the logs say why
+        raise
     finally:
+        # A second Ctrl-C must not cut the cleanup short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         procs.stop_all()
-        if KEEP_TMP or failed:
+        if keep:
             print(f"bench: logs and configs kept in {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import signal
 import sys
 import time
@@ -237,6 +238,8 @@ def _run(main: Awaitable[Any]) -> Any:
 
 
 def main(argv: list[str]) -> int:
+    # A client that hangs up mid-request makes aiohttp log a traceback: not news here.
+    logging.getLogger("aiohttp").setLevel(logging.CRITICAL)
     role = argv[0]
     if role == "upstream":
         _run(_serve(lambda: (web.AppRunner(upstream_app(), access_log=None), None), int(argv[1])))
