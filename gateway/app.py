@@ -383,7 +383,9 @@ class Gateway:
         """The request's live session for ``provider``, refreshed if about to expire."""
         assert self.sessions is not None
         now = time.time()
-        state = await self.sessions.load(request.cookies, provider.name, now)
+        state = await self.sessions.load(
+            self.sessions.read_cookies(request.headers), provider.name, now
+        )
         ctx.states.append(state)
         if state.session is None:
             if state.absent is not Absent.NONE:

@@ -235,6 +235,18 @@ def map_client_error(exc: BaseException) -> UpstreamFailure:
     return UpstreamFailure(502, "upstream_unavailable", "the upstream connection failed", "reset")
 
 
+class _HeadersWithFirstChunk(web.StreamResponse):
+    """A StreamResponse whose headers leave with the first body bytes.
+
+    aiohttp sends a StreamResponse's headers at prepare(), a write of their
+    own; holding them until the first body write saves a send() per response.
+    relay() flushes them at once whenever no body is waiting yet, so a slow
+    stream (SSE) still gets its headers immediately.
+    """
+
+    _send_headers_immediately = False
+
+
 async def relay(
     request: web.BaseRequest,
     upstream_response: aiohttp.ClientResponse,
@@ -245,14 +257,25 @@ async def relay(
     If the upstream's body breaks off, the client's connection is dropped
     rather than ended cleanly, so the browser sees a truncated response.
     """
-    response = web.StreamResponse(status=upstream_response.status, reason=upstream_response.reason)
+    response = _HeadersWithFirstChunk(
+        status=upstream_response.status, reason=upstream_response.reason
+    )
     response.headers.extend(headers)
     await response.prepare(request)
     if request.method == "HEAD" or upstream_response.status in _NO_BODY_STATUSES:
         await response.write_eof()
         return response
+    content = upstream_response.content
     try:
-        async for chunk in upstream_response.content.iter_any():
+        first = content.read_nowait()  # what already arrived with the headers
+        if content.at_eof():
+            await response.write_eof(first)  # headers, body and end in one write
+            return response
+        if first:
+            await response.write(first)
+        else:
+            request.writer.send_headers()
+        async for chunk in content.iter_any():
             await response.write(chunk)
     except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
         # Never write_eof() here: a clean end would tell the browser the body is complete.

@@ -99,7 +99,9 @@ class AuthEndpoints:
             self.gateway.metrics.logins.labels(provider.name, "rejected").inc()
             return _json(result.body, result.status)
         # A new login replaces whatever session this browser had for the provider.
-        state = await manager.load(request.cookies, provider.name, time.time())
+        state = await manager.load(
+            manager.read_cookies(request.headers), provider.name, time.time()
+        )
         ctx.states.append(state)
         if state.handle is not None:
             await manager.store.delete(state.handle)
@@ -116,7 +118,7 @@ class AuthEndpoints:
         assert manager is not None
         now = time.time()
         for provider in providers:
-            state = await manager.load(request.cookies, provider.name, now)
+            state = await manager.load(manager.read_cookies(request.headers), provider.name, now)
             ctx.states.append(state)
             session = state.session
             await manager.clear(state)
@@ -135,7 +137,9 @@ class AuthEndpoints:
         manager = self.gateway.sessions
         assert manager is not None
         now = time.time()
-        state: SessionState = await manager.load(request.cookies, provider.name, now)
+        state: SessionState = await manager.load(
+            manager.read_cookies(request.headers), provider.name, now
+        )
         ctx.states.append(state)
         session = state.session
         if (

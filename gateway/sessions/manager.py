@@ -8,10 +8,12 @@ the Set-Cookie lines that save, re-seal or clear it.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from gateway.config import SessionConfig
+from gateway.headers import Headers
 from gateway.sessions.model import Session
 from gateway.sessions.seal import KeyRing, assemble_cookie, chunk_cookie, cookie_names_for
 from gateway.sessions.stores import SessionStore
@@ -44,6 +46,11 @@ class SessionManager:
     def __init__(self, config: SessionConfig, keyring: KeyRing, store: SessionStore) -> None:
         self.store = store
         self._keyring = keyring
+        # Browsers send the same cookie on every request: remember recent
+        # unseal results (AES-GCM and base64 checks are most of a session
+        # route's own cost). Keyed by the exact sealed value and cookie name,
+        # so nothing unauthenticated is ever returned from it.
+        self._unseal = functools.lru_cache(maxsize=1024)(keyring.unseal)
         self._idle = config.idle_timeout
         self._absolute = config.absolute_timeout
         # Rewriting the cookie on every request only to move last_seen would
@@ -59,7 +66,23 @@ class SessionManager:
     def cookie_name(self, provider: str) -> str:
         return self._name_prefix + provider
 
+    def read_cookies(self, headers: Headers) -> dict[str, str]:
+        """The gateway's own cookies from the Cookie header(s); first occurrence wins.
+
+        A plain split rather than a full RFC 6265 parse of every cookie: only
+        our names matter here, and our values never need quoting.
+        """
+        found: dict[str, str] = {}
+        prefix = self._name_prefix
+        for line in headers.getall("Cookie", ()):
+            for pair in line.split(";"):
+                name, _, value = pair.strip().partition("=")
+                if name.startswith(prefix) and name not in found:
+                    found[name] = value
+        return found
+
     async def load(self, cookies: Mapping[str, str], provider: str, now: float) -> SessionState:
+        """``cookies`` as returned by :meth:`read_cookies` (any mapping works)."""
         name = self.cookie_name(provider)
         present = cookie_names_for(name, cookies) if cookies else []
         state = SessionState(provider, name, present)
@@ -67,7 +90,7 @@ class SessionManager:
             state.absent = Absent.NONE
             return state
         value = assemble_cookie(name, cookies)
-        unsealed = self._keyring.unseal(value, name) if value is not None else None
+        unsealed = self._unseal(value, name) if value is not None else None
         if unsealed is None:
             state.absent = Absent.INVALID
             return state

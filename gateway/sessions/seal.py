@@ -274,13 +274,14 @@ def cookie_names_for(name: str, cookies: Iterable[str]) -> list[str]:
     That is the bare name and any ``name.<digits>`` (ASCII digits), in input
     order without repeats; used to expire every chunk together.
     """
-    chunk_re = re.compile(re.escape(name) + r"\.[0-9]+")
+    dotted = name + "."
     found: list[str] = []
     seen: set[str] = set()
     for candidate in cookies:
         if candidate in seen:
             continue
-        if candidate == name or chunk_re.fullmatch(candidate) is not None:
+        suffix = candidate[len(dotted) :] if candidate.startswith(dotted) else ""
+        if candidate == name or (suffix.isascii() and suffix.isdigit()):
             seen.add(candidate)
             found.append(candidate)
     return found

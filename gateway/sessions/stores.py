@@ -7,6 +7,7 @@ session id and the tokens stay on the server.
 
 from __future__ import annotations
 
+import functools
 import secrets
 import time
 from typing import Protocol
@@ -36,13 +37,17 @@ class SessionStore(Protocol):
     async def close(self) -> None: ...
 
 
+# Sessions are immutable and decoding is pure: the same cookie decodes once.
+_decode_session = functools.lru_cache(maxsize=1024)(Session.from_bytes)
+
+
 class CookieStore:
     """Stateless: the sealed cookie holds the session itself."""
 
     handle_is_session = True
 
     async def load(self, handle: bytes) -> Session | None:
-        return Session.from_bytes(handle)
+        return _decode_session(handle)
 
     async def save(self, session: Session, handle: bytes | None) -> bytes:
         return session.to_bytes()
