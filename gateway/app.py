@@ -172,29 +172,38 @@ class Gateway:
         status = 499  # the client went away before an answer (nginx's convention)
         response: web.StreamResponse | None = None
         try:
-            response = await self._dispatch(request, ctx)
-        except GatewayError as error:
-            if isinstance(error, UpstreamFailure):
-                self.metrics.upstream_errors.labels(ctx.route, error.kind).inc()
-            response = await self._error(request, error, ctx)
-        except UpstreamBodyBroken as broken:
-            self.metrics.upstream_errors.labels(ctx.route, broken.kind).inc()
-            response = broken.response
-        except StoreUnavailable:
-            response = await self._error(
-                request,
-                GatewayError(503, "store_unavailable", "the session store is unavailable"),
-                ctx,
-            )
-        except (ConnectionResetError, aiohttp.ClientConnectionResetError):
-            raise
-        except Exception:
-            EVENTS.exception("unhandled error", extra={"fields": {"request_id": ctx.request_id}})
-            response = await self._error(
-                request,
-                GatewayError(500, "internal_error", "the gateway failed to handle the request"),
-                ctx,
-            )
+            try:
+                response = await self._dispatch(request, ctx)
+            except GatewayError as error:
+                if isinstance(error, UpstreamFailure):
+                    self.metrics.upstream_errors.labels(ctx.route, error.kind).inc()
+                response = await self._error(request, error, ctx)
+            except UpstreamBodyBroken as broken:
+                self.metrics.upstream_errors.labels(ctx.route, broken.kind).inc()
+                response = broken.response
+            except StoreUnavailable:
+                response = await self._error(
+                    request,
+                    GatewayError(503, "store_unavailable", "the session store is unavailable"),
+                    ctx,
+                )
+            except (ConnectionResetError, aiohttp.ClientConnectionResetError):
+                raise
+            except Exception:
+                EVENTS.exception(
+                    "unhandled error", extra={"fields": {"request_id": ctx.request_id}}
+                )
+                response = await self._error(
+                    request,
+                    GatewayError(500, "internal_error", "the gateway failed to handle the request"),
+                    ctx,
+                )
+            if isinstance(response, web.Response) and not response.prepared:
+                # Sent here rather than by aiohttp after we return, so that the
+                # access record's duration and bytes_out include it. (Not a
+                # FileResponse: its prepare() is not idempotent.)
+                await response.prepare(request)
+                await response.write_eof()
         finally:
             if response is not None:
                 status = response.status
@@ -211,10 +220,7 @@ class Gateway:
         duration = time.perf_counter() - ctx.start
         metrics = self.metrics
         metrics.active.dec()
-        metrics.requests.labels(ctx.route, request.method, str(status)).inc()
-        metrics.request_duration.labels(ctx.route).observe(duration)
-        if ctx.upstream_seconds is not None:
-            metrics.upstream_duration.labels(ctx.route).observe(ctx.upstream_seconds)
+        metrics.request_done(ctx.route, request.method, status, duration, ctx.upstream_seconds)
         if ACCESS.isEnabledFor(logging.INFO):
             ACCESS.info(
                 "request",

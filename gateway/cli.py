@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from gateway.server import run
 
-    return run(config, path, args.workers)
+    return run(config, args.workers)
 
 
 if __name__ == "__main__":  # pragma: no cover

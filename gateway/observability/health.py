@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import json
+from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -11,41 +12,84 @@ from prometheus_client import CONTENT_TYPE_LATEST
 ReadyCheck = Callable[[], Awaitable[bool]]
 Exposition = Callable[[], bytes]
 
+_CHECK_TIMEOUT = 2.0
+
 
 class Health:
-    """Readiness: config loaded, not draining, and the session store answers."""
+    """Readiness: config loaded, not draining, and every check answers true.
 
-    def __init__(self, store_ping: ReadyCheck | None = None) -> None:
+    ``store_ping`` is the session store's ping; ``checks`` adds more, each with
+    the reason /readyz reports when it fails (the supervisor adds "workers").
+    """
+
+    def __init__(
+        self,
+        store_ping: ReadyCheck | None = None,
+        *,
+        checks: Sequence[tuple[str, ReadyCheck]] = (),
+    ) -> None:
         self.draining = False
-        self._store_ping = store_ping
+        self._checks: list[tuple[str, ReadyCheck]] = list(checks)
+        if store_ping is not None:
+            self._checks.append(("session store unreachable", store_ping))
 
     async def ready(self) -> tuple[bool, str]:
         if self.draining:
             return False, "draining"
-        if self._store_ping is not None:
+        for reason, check in self._checks:
             try:
-                ok = await asyncio.wait_for(self._store_ping(), timeout=2)
+                ok = await asyncio.wait_for(check(), timeout=_CHECK_TIMEOUT)
             except Exception:
                 ok = False
             if not ok:
-                return False, "session store unreachable"
+                return False, reason
         return True, "ready"
+
+
+def _json(data: dict[str, str], status: int = 200) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(data).encode(),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+@web.middleware
+async def _json_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """The admin port's own errors are JSON too (SPEC §4.4), never aiohttp's text pages."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status == 404:
+            return _json({"error": "not_found", "message": "no such admin endpoint"}, 404)
+        if exc.status == 405:
+            response = _json(
+                {"error": "method_not_allowed", "message": f"{request.method} is not allowed"},
+                405,
+            )
+            response.headers["Allow"] = "GET, HEAD"
+            return response
+        raise
 
 
 def admin_app(health: Health, exposition: Exposition) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        return _json({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
         ok, reason = await health.ready()
-        return web.json_response({"status": reason}, status=200 if ok else 503)
+        return _json({"status": reason}, 200 if ok else 503)
 
     async def metrics(_: web.Request) -> web.Response:
         response = web.Response(body=exposition())
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        response.headers["Cache-Control"] = "no-store"
         return response
 
-    app = web.Application()
+    app = web.Application(middlewares=[_json_errors])
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)

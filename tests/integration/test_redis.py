@@ -718,16 +718,7 @@ async def test_login_while_redis_is_down_is_a_clean_503(
     [
         ("redis", 2),
         ("cookie", 2),
-        pytest.param(
-            "cookie",
-            1,
-            marks=pytest.mark.xfail(
-                reason="bug: with workers: 1, /readyz pings only the session store "
-                "(server.gateway_listeners: Health(store.ping)), not the redis_url used "
-                "for refresh coordination",
-                strict=True,
-            ),
-        ),
+        ("cookie", 1),
     ],
 )
 async def test_readyz_reports_a_redis_outage(

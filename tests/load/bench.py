@@ -625,7 +625,7 @@ def micro_benchmarks() -> list[tuple[str, float, str]]:
 
         commit_us = await per_op_async(commit)
         return [
-            ("SessionManager.load", load_us, "same cookie again: unseal and decode remembered (LRU)"),
+            ("SessionManager.load", load_us, "same cookie again: unseal remembered (LRU)"),
             ("SessionManager.commit", commit_us, "encode + seal + Set-Cookie line (after refresh)"),
         ]
 

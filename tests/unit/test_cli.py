@@ -220,11 +220,6 @@ def _time_wait_port() -> int:
     return port
 
 
-@pytest.mark.xfail(
-    reason="bug: gateway/server.py check_port_free binds its probe without SO_REUSEADDR, so "
-    "a port with only TIME_WAIT connections (just after a restart) reads as taken",
-    strict=True,
-)
 def test_run_starts_on_a_port_with_only_time_wait_connections(tmp_path: Path) -> None:
     port = _time_wait_port()
     # Precondition: the port is in TIME_WAIT, which the server's own bind tolerates.
