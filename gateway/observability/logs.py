@@ -17,6 +17,8 @@ embedding) the record takes the ordinary logging path, with the same text.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -154,7 +156,7 @@ class TextFormatter(logging.Formatter):
 class _AccessSink:
     """Where the fast path writes: the handler setup_logging installed, while it is the only one."""
 
-    __slots__ = ("format", "handler", "lock", "pid", "stream")
+    __slots__ = ("flush_pending", "format", "handler", "lock", "pid", "stream")
 
     def __init__(self, handler: logging.StreamHandler[TextIO], formatter: Any) -> None:
         self.handler = handler
@@ -162,6 +164,7 @@ class _AccessSink:
         self.lock = threading.Lock()
         self.format = formatter.format_access
         self.pid = os.getpid()
+        self.flush_pending = False
 
     def write(self, access: AccessRecord) -> bool:
         if logging.root.handlers != [self.handler]:
@@ -170,10 +173,24 @@ class _AccessSink:
         with self.lock:
             try:
                 self.stream.write(line)
-                self.stream.flush()
             except (OSError, ValueError):
-                pass  # stdout gone (closed pipe): never fail a request over a log line
+                return True  # stdout gone (closed pipe): never fail a request over a log line
+        # One flush per event-loop turn instead of one per line: every line
+        # written during this turn leaves in a single write() right after it.
+        if not self.flush_pending:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                self.flush()
+            else:
+                self.flush_pending = True
+                loop.call_soon(self.flush)
         return True
+
+    def flush(self) -> None:
+        self.flush_pending = False
+        with self.lock, contextlib.suppress(OSError, ValueError):
+            self.stream.flush()
 
 
 class AccessLogger(logging.Logger):
