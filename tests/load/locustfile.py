@@ -7,11 +7,11 @@ which exercises single flight and the grace cache), and logs out.
 
 from __future__ import annotations
 
-import gevent
 from gevent.pool import Group
 from locust import HttpUser, between, task
 
 CSRF = {"X-CSRF": "1"}
+BURST = ("/api/demo/items", "/api/demo/user", "/api/demo/items/1", "/api/demo/user")
 
 
 class FrontEndUser(HttpUser):
@@ -49,9 +49,14 @@ class FrontEndUser(HttpUser):
         # Four calls at once with the same cookie: after an expiry they all
         # need the refresh, and exactly one may reach the token endpoint.
         group = Group()
-        for path in ("/api/demo/items", "/api/demo/user", "/api/demo/items/1", "/api/demo/user"):
-            group.spawn(self.client.get, path, name="burst " + path)
-        group.join()
+        try:
+            for path in BURST:
+                group.spawn(self.client.get, path, name="burst " + path)
+            group.join()
+        finally:
+            # When locust stops this user mid-burst, the calls must not outlive
+            # it: on_stop logs out, and a call after that would (rightly) be 401.
+            group.kill()
 
     @task(1)
     def session_panel(self) -> None:
@@ -59,6 +64,3 @@ class FrontEndUser(HttpUser):
 
     def on_stop(self) -> None:
         self.client.post("/auth/demo/logout", headers=CSRF, name="/auth/demo/logout")
-
-
-__all__ = ["FrontEndUser", "gevent"]
