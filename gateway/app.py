@@ -352,7 +352,7 @@ class Gateway:
                 authorization=authorization,
             )
             sent = time.perf_counter()
-            async with upstream_call(
+            async with await upstream_call(
                 self.client, request.method, url, headers, body, upstream
             ) as answer:
                 ctx.upstream_seconds = time.perf_counter() - sent

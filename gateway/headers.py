@@ -121,15 +121,18 @@ def upstream_request_headers(
             out["Cookie"] = cookies
 
     def from_proxy(name: str) -> str | None:
+        if not forwarded.trusted:
+            return None
         # Several lines of one header are one comma-separated list (RFC 9110 §5.3).
         lines = [line.strip() for line in sent(name) if line.strip()]
-        return ", ".join(lines) if forwarded.trusted and lines else None
+        return ", ".join(lines) or None
 
+    # add(), not assignment: _REQUEST_DROP already removed the client's copies.
     chain = from_proxy("X-Forwarded-For")
-    out["X-Forwarded-For"] = f"{chain}, {forwarded.client_ip}" if chain else forwarded.client_ip
-    out["X-Forwarded-Proto"] = from_proxy("X-Forwarded-Proto") or forwarded.proto
-    out["X-Forwarded-Host"] = from_proxy("X-Forwarded-Host") or forwarded.host
-    out["X-Request-Id"] = req_id
+    out.add("X-Forwarded-For", f"{chain}, {forwarded.client_ip}" if chain else forwarded.client_ip)
+    out.add("X-Forwarded-Proto", from_proxy("X-Forwarded-Proto") or forwarded.proto)
+    out.add("X-Forwarded-Host", from_proxy("X-Forwarded-Host") or forwarded.host)
+    out.add("X-Request-Id", req_id)
 
     for name, value in inject.items():
         out[name] = value

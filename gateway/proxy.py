@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from urllib.parse import quote, unquote_plus
 
@@ -175,7 +174,6 @@ def client_session(connections: int = 1024) -> aiohttp.ClientSession:
     )
 
 
-@asynccontextmanager
 async def upstream_call(
     client: aiohttp.ClientSession,
     method: str,
@@ -183,13 +181,15 @@ async def upstream_call(
     headers: CIMultiDict[str],
     body: RequestBody | None,
     upstream: Upstream,
-) -> AsyncIterator[aiohttp.ClientResponse]:
-    """Open the upstream response; map connection failures to SPEC §4.4 errors.
+) -> aiohttp.ClientResponse:
+    """Open the upstream response (use it as ``async with``); map failures to
+    open it to SPEC §4.4 errors.
 
     Only failures to *open* the call are mapped. What the caller raises while
     it holds the response (a relay cut short, a session store that failed)
     passes through unchanged: remapping it would log a 502 for a response
-    whose 200 headers the client already has.
+    whose 200 headers the client already has. (A plain coroutine rather than
+    an asynccontextmanager: this is on every request's path.)
     """
     try:
         response = await client.request(
@@ -207,8 +207,7 @@ async def upstream_call(
         if body is not None and body.too_large:
             raise payload_too_large(body.limit) from None
         raise map_client_error(exc) from None
-    async with response:
-        yield response
+    return response
 
 
 def map_client_error(exc: BaseException) -> UpstreamFailure:
