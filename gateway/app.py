@@ -17,7 +17,7 @@ from aiohttp import web
 from redis.asyncio import Redis
 
 from gateway.auth.cluster import LEASE_SECONDS, ClusterRefresher
-from gateway.auth.csrf import CsrfPolicy
+from gateway.auth.csrf import UNSAFE_METHODS, CsrfPolicy
 from gateway.auth.password import PasswordLogin
 from gateway.auth.refresh import (
     InvalidAnswer,
@@ -82,7 +82,8 @@ class Context:
     request_id: str
     route: str = "unmatched"
     upstream_seconds: float | None = None
-    refreshed: bool = False
+    refresh_tried: bool = False  # at most one refresh per request, whatever its outcome
+    refreshed: bool = False  # a refresh succeeded (logged)
     bytes_in: int = 0
     states: list[SessionState] = field(default_factory=list)
 
@@ -299,7 +300,8 @@ class Gateway:
         state: SessionState | None = None
         provider = target.provider
         if provider is not None:
-            self.csrf.check(request.method, request.headers, self.own_origin(request))
+            if request.method in UNSAFE_METHODS:
+                self.csrf.check(request.method, request.headers, self.own_origin(request))
             state = await self.require_session(request, provider, ctx)
 
         if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (
@@ -359,24 +361,29 @@ class Gateway:
                 wants_refresh = (
                     provider is not None
                     and state is not None
-                    and not ctx.refreshed
+                    and not ctx.refresh_tried
                     and answer.status in provider.refresh_on
                     and self.can_refresh(provider, state)
                 )
                 if not wants_refresh:
-                    return await self._relay(request, answer, ctx)
+                    return await self._relay(request, answer, upstream, ctx)
                 assert provider is not None and state is not None
                 if body is not None and not body.replayable:
                     # Too big to replay: the client gets this answer, but the
                     # next request already carries the refreshed session.
                     await self.refresh(provider, state, ctx)
-                    return await self._relay(request, answer, ctx)
+                    return await self._relay(request, answer, upstream, ctx)
             await self.refresh(provider, state, ctx)
 
     async def _relay(
-        self, request: web.BaseRequest, answer: aiohttp.ClientResponse, ctx: Context
+        self,
+        request: web.BaseRequest,
+        answer: aiohttp.ClientResponse,
+        upstream: Upstream,
+        ctx: Context,
     ) -> web.StreamResponse:
         headers = response_headers(answer.headers, self.cookie_prefix)
+        upstream.scrub_response_headers(headers)
         for line in await self._cookie_lines(ctx):
             headers.add("Set-Cookie", line)
         return await relay(request, answer, headers)
@@ -419,7 +426,7 @@ class Gateway:
     async def refresh(self, provider: ProviderRuntime, state: SessionState, ctx: Context) -> None:
         assert self.sessions is not None and state.session is not None
         assert state.session.refresh_token is not None
-        ctx.refreshed = True
+        ctx.refresh_tried = True
         try:
             tokens = await provider.coordinator.refresh(
                 state.session.refresh_token, state.session.access_token
@@ -435,6 +442,7 @@ class Gateway:
             raise GatewayError(
                 502, "upstream_invalid_response", "the token service answered without a token"
             ) from None
+        ctx.refreshed = True
         self.sessions.replace(state, state.session.with_tokens(tokens, time.time()))
 
     # -- where the request came from -----------------------------------------

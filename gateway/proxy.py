@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
-from urllib.parse import quote, unquote_plus
+from dataclasses import dataclass, field
+from urllib.parse import quote, quote_plus, unquote_plus
 
 import aiohttp
 from aiohttp import web
@@ -22,7 +22,7 @@ from gateway.config import Route, Timeouts
 from gateway.errors import GatewayError
 
 _NO_BODY_STATUSES = frozenset({204, 304})
-_READ_CHUNK = 64 * 1024
+_MIN_SECRET = 6
 
 
 class UpstreamFailure(GatewayError):
@@ -114,8 +114,12 @@ class Upstream:
     base_path: str
     timeout: aiohttp.ClientTimeout
     ssl: ssl.SSLContext | bool
-    inject_headers: Mapping[str, str]
-    inject_query: tuple[tuple[str, str], ...]  # (decoded name, encoded "name=value")
+    inject_headers: Mapping[str, str] = field(repr=False)
+    # (decoded name, encoded "name=value")
+    inject_query: tuple[tuple[str, str], ...] = field(repr=False)
+    # Injected values as they could come back in a response header (raw and
+    # percent-encoded); short ones are left out to avoid dropping innocent headers.
+    secrets: tuple[str, ...] = field(repr=False, default=())
 
     @classmethod
     def from_route(cls, route: Route, server_timeouts: Timeouts) -> Upstream:
@@ -140,6 +144,14 @@ class Upstream:
                 (name, f"{quote(name, safe='')}={quote(value, safe='')}")
                 for name, value in route.inject_query.items()
             ),
+            secrets=tuple(
+                {
+                    form
+                    for value in [*route.inject_headers.values(), *route.inject_query.values()]
+                    for form in (value, quote(value, safe=""), quote_plus(value))
+                    if len(value) >= _MIN_SECRET
+                }
+            ),
         )
 
     def url(self, raw_path: str, raw_query: str) -> URL:
@@ -147,17 +159,40 @@ class Upstream:
         target = f"{self.origin}{raw_path}?{query}" if query else f"{self.origin}{raw_path}"
         return URL(target, encoded=True)
 
-    def _query(self, raw_query: str) -> str:
-        if not self.inject_query:
-            return raw_query
-        # Injected values replace the client's: drop any pair with that name.
+    def _without_injected(self, raw_query: str) -> list[str]:
         names = {name for name, _ in self.inject_query}
-        kept = [
+        return [
             pair
             for pair in raw_query.split("&")
             if pair and unquote_plus(pair.split("=", 1)[0]) not in names
         ]
-        return "&".join(kept + [encoded for _, encoded in self.inject_query])
+
+    def _query(self, raw_query: str) -> str:
+        if not self.inject_query:
+            return raw_query
+        # Injected values replace the client's: drop any pair with that name.
+        return "&".join(self._without_injected(raw_query) + [e for _, e in self.inject_query])
+
+    def scrub_response_headers(self, headers: CIMultiDict[str]) -> None:
+        """Keep server-held secrets out of what goes back to the browser.
+
+        An upstream that redirects keeps the query, injected key included
+        (``Location: /x/?q=1&appid=SECRET``): injected parameters are removed
+        from Location and Content-Location; any other header that carries an
+        injected value (an echo) is dropped. A body is streamed as it is.
+        """
+        if not self.secrets:
+            return
+        for name in ("Location", "Content-Location"):
+            value = headers.get(name)
+            if value is not None and "?" in value:
+                base, _, rest = value.partition("?")
+                query, hash_mark, fragment = rest.partition("#")
+                kept = "&".join(self._without_injected(query))
+                headers[name] = base + (f"?{kept}" if kept else "") + hash_mark + fragment
+        for name, value in list(headers.items()):
+            if any(secret in value for secret in self.secrets):
+                headers.popall(name, None)
 
 
 def client_session(connections: int = 1024) -> aiohttp.ClientSession:
@@ -211,11 +246,8 @@ async def upstream_call(
 
 
 def map_client_error(exc: BaseException) -> UpstreamFailure:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError | aiohttp.SocketTimeoutError):
-        return UpstreamFailure(
-            504, "upstream_timeout", "the upstream did not answer in time", "timeout"
-        )
-    if isinstance(exc, asyncio.TimeoutError):
+    # aiohttp's connect and read timeouts are TimeoutError subclasses.
+    if isinstance(exc, TimeoutError):
         return UpstreamFailure(
             504, "upstream_timeout", "the upstream did not answer in time", "timeout"
         )

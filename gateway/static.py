@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from urllib.parse import unquote
 
 from aiohttp import web
+
+from gateway.errors import GatewayError
 
 _HEADERS = {"X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
@@ -24,15 +27,14 @@ class StaticSite:
         relative = unquote(remainder).lstrip("/")
         if relative:
             candidate = (self.root / relative).resolve()
-            if candidate.is_relative_to(self.root) and candidate.is_file():
-                return candidate
+            with contextlib.suppress(OSError):  # e.g. a name too long for the filesystem
+                if candidate.is_relative_to(self.root) and candidate.is_file():
+                    return candidate
         return self.index
 
     async def serve(self, request: web.BaseRequest, remainder: str) -> web.StreamResponse:
         path = self.resolve(remainder)
         if not path.is_file():
-            from gateway.errors import GatewayError
-
             raise GatewayError(404, "not_found", "no such file")
         headers = dict(_HEADERS)
         if path == self.index:

@@ -141,7 +141,10 @@ class ClusterRefresher:
             except RefreshRejected:
                 tokens = None
             sealed = self._keyring.seal(_encode(tokens), _seal_name(result_key))
-            await self._redis.set(result_key, sealed, px=self._grace_ms)
+            # The provider has already rotated the token: losing these tokens
+            # to a Redis hiccup would strand the session on a revoked one.
+            with contextlib.suppress(RedisError):
+                await self._redis.set(result_key, sealed, px=self._grace_ms)
             if tokens is None:
                 raise RefreshRejected()
             return tokens

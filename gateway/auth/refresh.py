@@ -100,9 +100,13 @@ class RefreshCoordinator:
 
     def _remember(self, key: str, tokens: Tokens) -> None:
         now = time.monotonic()
-        if len(self._recent) > 1024:
-            self._recent = {k: v for k, v in self._recent.items() if v[0] > now}
-        self._recent[key] = (now + self._grace, tokens)
+        # The grace period is constant, so insertion order is expiry order:
+        # expired entries are always at the front.
+        recent = self._recent
+        while recent and next(iter(recent.values()))[0] <= now:
+            del recent[next(iter(recent))]
+        recent.pop(key, None)
+        recent[key] = (now + self._grace, tokens)
 
     def _landed(self, key: str, task: asyncio.Task[Tokens]) -> None:
         self._inflight.pop(key, None)

@@ -34,12 +34,14 @@ class SessionState:
     provider: str
     cookie_name: str
     present: list[str]  # cookie names of this session the browser sent (all chunks)
-    handle: bytes | None = None
+    handle: bytes | None = field(
+        default=None, repr=False
+    )  # the cookie store's handle is the session
     session: Session | None = None
     absent: Absent | None = None
     dirty: bool = False  # the cookie must be written on this response
     cleared: bool = False
-    set_cookies: list[str] = field(default_factory=list)
+    set_cookies: list[str] = field(default_factory=list, repr=False)
 
 
 class SessionManager:

@@ -22,7 +22,7 @@ import binascii
 import re
 import secrets
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -85,7 +85,7 @@ def _associated_data(key_id: str, name: str) -> bytes:
 class Unsealed:
     """The result of a successful :meth:`KeyRing.unseal`."""
 
-    plaintext: bytes
+    plaintext: bytes = field(repr=False)
     stale_key: bool
     """True when the value was sealed under a key other than the first: re-seal it."""
 

@@ -821,3 +821,66 @@ async def test_static_files_fallback_and_traversal(spa: Path) -> None:
                 assert_json_error(status, body, 400, "bad_request")
                 assert b"outside the root" not in data
     assert recorder.paths() == ["/x"]
+
+
+async def test_injected_secrets_are_scrubbed_from_redirects_and_echoed_headers() -> None:
+    """An upstream that redirects keeps the query it got, injected key included."""
+    recorder = Recorder(echo=False)
+
+    async def canonical_redirect(request: web.Request) -> web.StreamResponse:
+        return web.Response(
+            status=301,
+            headers={
+                "Location": f"/base/data/?{request.query_string}#top",
+                "Content-Location": f"/base/data?{request.query_string}",
+                "X-Echo-Key": request.headers.get("X-Api-Key", ""),
+                "X-Kept": "ordinary",
+            },
+        )
+
+    recorder.special = {"/base/data": canonical_redirect}
+    route = {"inject_headers": {"X-Api-Key": SECRET}, "inject_query": {"appid": SECRET_QUERY}}
+    async with (
+        proxied(recorder, route) as (url, _port, _up),
+        client() as http,
+        http.get(url + "/api/data?q=paris&appid=mine", allow_redirects=False) as answer,
+    ):
+        assert answer.status == 301
+        location = answer.headers["Location"]
+        content_location = answer.headers["Content-Location"]
+        raw = repr(list(answer.raw_headers)).encode()
+        assert "X-Echo-Key" not in answer.headers
+        assert answer.headers["X-Kept"] == "ordinary"
+    (hit,) = recorder.hits
+    assert URL(hit.raw_path).query.getall("appid") == [SECRET_QUERY]  # the upstream got it
+    assert location == "/base/data/?q=paris#top"
+    assert content_location == "/base/data?q=paris"
+    for secret in SECRETS:
+        assert secret.encode() not in raw
+
+
+def test_route_reprs_hide_injected_secrets() -> None:
+    from gateway.config import Route, Timeouts
+    from gateway.proxy import Upstream
+
+    route = Route(
+        path="/x/",
+        upstream="http://127.0.0.1:1/",
+        inject_headers={"X-Api-Key": SECRET},
+        inject_query={"appid": SECRET_QUERY},
+    )
+    text = repr(route) + repr(Upstream.from_route(route, Timeouts()))
+    for secret in SECRETS:
+        assert secret not in text
+
+
+async def test_static_route_with_an_over_long_name_falls_back_to_index(tmp_path: Path) -> None:
+    (tmp_path / "index.html").write_text("<p>app</p>")
+    routes = [{"path": "/", "static": str(tmp_path)}]
+    async with (
+        running_gateway(config_dict(routes)) as gateway,
+        client() as http,
+        http.get(gateway.url + "/" + "a" * 300) as answer,
+    ):
+        assert answer.status == 200
+        assert await answer.text() == "<p>app</p>"

@@ -528,3 +528,11 @@ def test_cookie_names_for_finds_exactly_the_chunks(
     jar = others + emitted
     assert cookie_names_for(name, jar) == emitted
     assert cookie_names_for(name, others) == []
+
+
+def test_unsealed_repr_hides_the_plaintext() -> None:
+    ring = KeyRing([("k1", bytes(32))])
+    unsealed = ring.unseal(ring.seal(b"access-token-value", "c"), "c")
+    assert unsealed is not None
+    assert unsealed.plaintext == b"access-token-value"
+    assert "access-token-value" not in repr(unsealed)
