@@ -38,6 +38,7 @@ from redis.asyncio import Redis
 
 from gateway.app import Gateway
 from gateway.config import Config, Listen
+from gateway.listener import PublicServer
 from gateway.observability.health import Exposition, Health, ReadyCheck, admin_app
 from gateway.observability.logs import EVENTS, event, setup_logging
 from gateway.sessions.redis_store import connect as connect_redis
@@ -111,7 +112,7 @@ async def gateway_listeners(
     metrics = Metrics()
     gateway = Gateway(config, client, metrics, redis)
     store = gateway.store
-    server = web.Server(
+    server = PublicServer(
         gateway.handle,
         handler_cancellation=True,
         max_line_size=limits.max_header_size,

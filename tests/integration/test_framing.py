@@ -90,7 +90,7 @@ def parse_responses(data: bytes, methods: list[str]) -> tuple[list[Parsed], byte
         head, sep, data = data.partition(b"\r\n\r\n")
         assert sep, f"incomplete head: {head!r}"
         lines = head.decode("latin-1").split("\r\n")
-        assert lines[0].startswith("HTTP/1.1 "), lines[0]
+        assert lines[0].startswith(("HTTP/1.1 ", "HTTP/1.0 ")), lines[0]
         status = int(lines[0].split()[1])
         headers: CIMultiDict[str] = CIMultiDict()
         for line in lines[1:]:
@@ -530,3 +530,25 @@ async def test_refused_body_holding_a_request_is_never_parsed_as_one(framing: st
         assert json.loads(follow.body)["raw_path"] == "/next"
     assert "/smuggled" not in [hit[1] for hit in counter.hits]
     assert all(hit[1] == "/next" for hit in counter.hits)
+
+
+@pytest.mark.parametrize(
+    "cookie_line",
+    [
+        b"Cookie: bff-demo=1.k1.SEALEDVALUE" + b"A" * (20 * 1024),  # over max_header_size
+        b"Cookie: bff-demo=1.k1.SEALEDVALUE\x01rest",  # a character the parser refuses
+    ],
+)
+async def test_parser_errors_are_json_and_never_quote_the_cookie(cookie_line: bytes) -> None:
+    counter = Counter()
+    async with running_app(counter.app()) as upstream, gateway_for(upstream) as port:
+        data = await raw_request(
+            port, b"GET /api/x HTTP/1.1\r\nHost: gw\r\n" + cookie_line + b"\r\n\r\n"
+        )
+    status_line, _, _ = data.partition(b"\r\n")
+    assert status_line.split()[1] in (b"400", b"431"), status_line
+    assert b"SEALEDVALUE" not in data
+    assert b"application/json" in data
+    body = data.partition(b"\r\n\r\n")[2]
+    assert json.loads(body)["error"] == "bad_request"
+    assert counter.hits == []
