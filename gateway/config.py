@@ -26,6 +26,7 @@ from pydantic import (
     field_validator,
 )
 
+from gateway.headers import HOP_BY_HOP
 from gateway.sessions.seal import decode_key
 
 _T = TypeVar("_T")
@@ -37,21 +38,7 @@ _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 token (use
 # Control characters other than HTAB cannot appear in a header value (RFC 9110 §5.5).
 _HEADER_VALUE_BAD = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Headers the gateway or its HTTP client own: injecting them would break framing or routing.
-_NOT_INJECTABLE = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authorization",
-        "proxy-authenticate",
-        "host",
-        "content-length",
-    }
-)
+_NOT_INJECTABLE = HOP_BY_HOP | {"host", "content-length"}
 
 
 class ConfigError(Exception):

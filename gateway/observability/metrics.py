@@ -29,10 +29,6 @@ METHODS = frozenset(
 )
 
 
-def method_label(method: str) -> str:
-    return method if method in METHODS else "OTHER"
-
-
 class Metrics:
     def __init__(self) -> None:
         # One registry per Gateway, so that tests can run many in one process.
@@ -92,7 +88,7 @@ class Metrics:
         upstream_seconds: float | None,
     ) -> None:
         """One answered request: its count, its duration, its upstream time."""
-        key = (route, method if method in METHODS else "OTHER", status)
+        key = (route, method if method in METHODS else "OTHER", status)  # bounded labels
         counter = self._counted.get(key)
         if counter is None:
             counter = self.requests.labels(route, key[1], str(status))

@@ -40,8 +40,6 @@ def connect(url: str) -> aioredis.Redis:
 
 
 class RedisStore:
-    handle_is_session = False
-
     def __init__(
         self, client: aioredis.Redis, keyring: KeyRing, idle: float, absolute: float
     ) -> None:

@@ -20,10 +20,6 @@ class StoreUnavailable(Exception):
 
 
 class SessionStore(Protocol):
-    #: True when the handle changes whenever the session does (the cookie
-    #: must then be rewritten after every change).
-    handle_is_session: bool
-
     async def load(self, handle: bytes) -> Session | None: ...
 
     async def save(self, session: Session, handle: bytes | None) -> bytes:
@@ -43,8 +39,6 @@ _decode_session = functools.lru_cache(maxsize=1024)(Session.from_bytes)
 
 class CookieStore:
     """Stateless: the sealed cookie holds the session itself."""
-
-    handle_is_session = True
 
     async def load(self, handle: bytes) -> Session | None:
         return _decode_session(handle)
@@ -68,8 +62,6 @@ def new_session_id() -> bytes:
 
 class MemoryStore:
     """Server-side sessions in this process only (config requires workers: 1)."""
-
-    handle_is_session = False
 
     def __init__(self, lifetime: float) -> None:
         self._lifetime = lifetime
