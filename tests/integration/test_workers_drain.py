@@ -390,6 +390,13 @@ async def test_a_crashed_worker_is_replaced_and_its_counts_are_kept(tmp_path: Pa
         async with aiohttp.ClientSession(connector=connector, timeout=TIMEOUT) as client:
             for _ in range(10):
                 assert (await fetch(client, gateway.url + "/api/ok"))[0] == 200
+
+            async def first_ten_counted() -> bool:
+                # A worker counts a request just after the response left it; a
+                # SIGKILL in between would (rightly) lose that count.
+                return requests_total(await scrape(gateway.admin_url)) >= 10
+
+            await wait_until(first_ten_counted, "the first requests counted")
             before = worker_pids(gateway)
             victim = before[0]
             os.kill(victim, signal.SIGKILL)
