@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -190,3 +191,47 @@ def gateway_process(data: dict[str, Any], tmp: Path, *args: str) -> Iterator[Gat
 async def get_json(session: aiohttp.ClientSession, url: str, **kw: Any) -> tuple[int, Any]:
     async with session.get(url, **kw) as response:
         return response.status, await response.json(content_type=None)
+
+
+class RssSampler:
+    """Samples a process's RSS (plus its children's) every 50 ms in a thread."""
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.process = psutil.Process(pid)
+        self.samples: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self) -> int:
+        import psutil
+
+        total = self.process.memory_info().rss
+        for child in self.process.children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += child.memory_info().rss
+        return int(total)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append(self.rss())
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.samples.append(self.rss())
+
+    @property
+    def peak(self) -> int:
+        return max(self.samples)
+
+
+def pid_of(process: GatewayProcess) -> int:
+    assert process.proc is not None and process.proc.poll() is None
+    return process.proc.pid

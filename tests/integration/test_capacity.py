@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import hashlib
 import resource
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterator
 from dataclasses import dataclass
@@ -28,7 +27,14 @@ import psutil
 import pytest
 from aiohttp import web
 
-from tests.support import GatewayProcess, config_dict, gateway_process, running_app_with
+from tests.support import (
+    GatewayProcess,
+    RssSampler,
+    config_dict,
+    gateway_process,
+    pid_of,
+    running_app_with,
+)
 
 MiB = 1024 * 1024
 RSS_CEILING = 100 * MiB
@@ -46,42 +52,6 @@ def chunk(index: int) -> bytes:
 
 
 # -- measuring the gateway process ----------------------------------------------
-
-
-class RssSampler:
-    """Samples a process's RSS every 50 ms in a thread."""
-
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.samples: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def rss(self) -> int:
-        return int(self.process.memory_info().rss)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append(self.rss())
-            self._stop.wait(0.05)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.samples.append(self.rss())
-
-    @property
-    def peak(self) -> int:
-        return max(self.samples)
-
-
-def pid_of(process: GatewayProcess) -> int:
-    assert process.proc is not None and process.proc.poll() is None
-    return process.proc.pid
 
 
 # -- the upstream -----------------------------------------------------------------

@@ -9,18 +9,22 @@ and the client run in this process. A thread samples the gateway's RSS every
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import threading
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
-import psutil
 import pytest
 from aiohttp import web
 
-from tests.support import GatewayProcess, config_dict, gateway_process, running_app
+from tests.support import (
+    GatewayProcess,
+    RssSampler,
+    config_dict,
+    gateway_process,
+    pid_of,
+    running_app,
+)
 
 MiB = 1024 * 1024
 CEILING = 150 * MiB
@@ -32,41 +36,6 @@ _BASE = hashlib.shake_256(b"bff-gateway streaming test").digest(MiB)
 def block(index: int) -> bytes:
     """1 MiB that differs per index, so a lost, doubled or reordered block changes the hash."""
     return index.to_bytes(8, "big") + _BASE[8:]
-
-
-class RssSampler:
-    """Samples a process's RSS (plus its children's) every 50 ms in a thread."""
-
-    def __init__(self, pid: int) -> None:
-        self.process = psutil.Process(pid)
-        self.samples: list[int] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _rss(self) -> int:
-        total = self.process.memory_info().rss
-        for child in self.process.children(recursive=True):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                total += child.memory_info().rss
-        return int(total)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.samples.append(self._rss())
-            self._stop.wait(0.05)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.samples.append(self._rss())
-
-    @property
-    def peak(self) -> int:
-        return max(self.samples)
 
 
 def upstream_app(upload_result: dict[str, object]) -> web.Application:
@@ -117,11 +86,6 @@ def gateway(upstream: str, tmp_path: Path) -> Iterator[GatewayProcess]:
         yield process
 
 
-def pid_of(process: GatewayProcess) -> int:
-    assert process.proc is not None and process.proc.poll() is None
-    return process.proc.pid
-
-
 async def test_200_mib_download_streams_with_flat_memory(gateway: GatewayProcess) -> None:
     expected = hashlib.sha256()
     for index in range(DOWNLOAD_BLOCKS):
@@ -130,7 +94,7 @@ async def test_200_mib_download_streams_with_flat_memory(gateway: GatewayProcess
     size = 0
     async with aiohttp.ClientSession(auto_decompress=False) as http:
         with RssSampler(pid_of(gateway)) as sampler:
-            idle = sampler._rss()
+            idle = sampler.rss()
 
             async def fetch() -> int:
                 nonlocal size
@@ -165,7 +129,7 @@ async def test_100_mib_chunked_upload_streams_with_flat_memory(
 
     async with aiohttp.ClientSession(auto_decompress=False) as http:
         with RssSampler(pid_of(gateway)) as sampler:
-            idle = sampler._rss()
+            idle = sampler.rss()
 
             async def send() -> dict[str, object]:
                 # An async generator has no length: aiohttp sends it chunked.
