@@ -7,13 +7,16 @@ the gateway produces goes through ``error_response``.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
 import aiohttp
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from multidict import CIMultiDict
 from redis.asyncio import Redis
 
 from gateway.auth.cluster import LEASE_SECONDS, ClusterRefresher
@@ -26,7 +29,7 @@ from gateway.auth.refresh import (
     RefreshRejected,
     RefreshUnavailable,
 )
-from gateway.config import Config, PasswordProvider, Route, SessionKey
+from gateway.config import Config, PasswordProvider, Route
 from gateway.errors import GatewayError, error_response
 from gateway.headers import ForwardedFor, request_id, response_headers, upstream_request_headers
 from gateway.observability.logs import ACCESS, EVENTS, AccessRecord
@@ -42,13 +45,13 @@ from gateway.proxy import (
 )
 from gateway.routing import RouteTable, split_target, upstream_path
 from gateway.sessions.manager import Absent, SessionManager, SessionState
+from gateway.sessions.model import Session
 from gateway.sessions.redis_store import RedisStore
 from gateway.sessions.seal import KeyRing
 from gateway.sessions.stores import CookieStore, MemoryStore, SessionStore, StoreUnavailable
 from gateway.static import StaticSite
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-_NO_KEY = SessionKey(id="none", secret="A" * 43)  # never seals: no sessions without keys
 
 
 @dataclass(slots=True)
@@ -109,8 +112,10 @@ class Gateway:
         )
         self.cookie_prefix = session_config.cookie_prefix
         # Config validation demands keys whenever a provider exists, so a
-        # gateway without keys has no sessions at all.
-        keyring = KeyRing([(k.id, k.key_bytes()) for k in session_config.keys or [_NO_KEY]])
+        # gateway without keys has no sessions at all; its store still gets a
+        # ring (a throwaway random key) so that readiness checks stay uniform.
+        keys = [(k.id, k.key_bytes()) for k in session_config.keys] or [("none", os.urandom(32))]
+        keyring = KeyRing(keys)
         self.store = build_store(config, keyring, redis)
         self.sessions: SessionManager | None = (
             SessionManager(session_config, keyring, self.store) if session_config.keys else None
@@ -253,21 +258,20 @@ class Gateway:
             # The body was refused unread (413, 401, 403...): close rather than
             # wait for a body the client may never send (Expect: 100-continue).
             response.force_close()
-        try:
-            lines = await self._cookie_lines(ctx)
-        except StoreUnavailable:
-            lines = []  # the error itself may be the store's; answer without cookies
-        for line in lines:
-            response.headers.add("Set-Cookie", line)
+        cookies: CIMultiDict[str] = CIMultiDict()
+        # The error itself may be the store's: then answer without cookies.
+        with contextlib.suppress(StoreUnavailable):
+            await self.add_session_cookies(cookies, ctx)
+            response.headers.extend(cookies)
         return response
 
-    async def _cookie_lines(self, ctx: Context) -> list[str]:
-        if self.sessions is None or not ctx.states:
-            return []
-        lines: list[str] = []
+    async def add_session_cookies(self, headers: CIMultiDict[str], ctx: Context) -> None:
+        """Save what changed in this request's sessions; add their Set-Cookie lines."""
+        if self.sessions is None:
+            return
         for state in ctx.states:
-            lines.extend(await self.sessions.commit(state))
-        return lines
+            for line in await self.sessions.commit(state):
+                headers.add("Set-Cookie", line)
 
     async def _dispatch(self, request: web.BaseRequest, ctx: Context) -> web.StreamResponse:
         path, query = split_target(request.raw_path)
@@ -304,10 +308,8 @@ class Gateway:
                 self.csrf.check(request.method, request.headers, self.own_origin(request))
             state = await self.require_session(request, provider, ctx)
 
-        if request.headers.get("Expect", "").lower() == "100-continue" and request.version >= (
-            1,
-            1,
-        ):
+        expects_continue = request.headers.get("Expect", "").lower() == "100-continue"
+        if expects_continue and request.version >= HttpVersion11:
             # Answered here, not forwarded: the client would otherwise wait
             # for the upstream's 100 (DESIGN.md). Sent only after every check.
             await request.writer.write(_CONTINUE)
@@ -337,22 +339,18 @@ class Gateway:
         upstream = target.upstream
         assert upstream is not None
         url = upstream.url(upstream_path(upstream.base_path, remainder), query)
-        forwarded = self.forwarded_for(request)
         provider = target.provider
+        headers = upstream_request_headers(
+            request.headers,
+            forwarded=self.forwarded_for(request),
+            req_id=ctx.request_id,
+            drop=target.drop,
+            cookie_prefix=self.cookie_prefix,
+            forward_cookies=target.forward_cookies,
+            inject=upstream.inject_headers,
+            authorization=_bearer(state),
+        )
         while True:
-            authorization = None
-            if state is not None and state.session is not None:
-                authorization = f"Bearer {state.session.access_token}"
-            headers = upstream_request_headers(
-                request.headers,
-                forwarded=forwarded,
-                req_id=ctx.request_id,
-                drop=target.drop,
-                cookie_prefix=self.cookie_prefix,
-                forward_cookies=target.forward_cookies,
-                inject=upstream.inject_headers,
-                authorization=authorization,
-            )
             sent = time.perf_counter()
             async with await upstream_call(
                 self.client, request.method, url, headers, body, upstream
@@ -373,7 +371,8 @@ class Gateway:
                     # next request already carries the refreshed session.
                     await self.refresh(provider, state, ctx)
                     return await self._relay(request, answer, upstream, ctx)
-            await self.refresh(provider, state, ctx)
+            session = await self.refresh(provider, state, ctx)
+            headers["Authorization"] = f"Bearer {session.access_token}"  # for the replay
 
     async def _relay(
         self,
@@ -384,8 +383,7 @@ class Gateway:
     ) -> web.StreamResponse:
         headers = response_headers(answer.headers, self.cookie_prefix)
         upstream.scrub_response_headers(headers)
-        for line in await self._cookie_lines(ctx):
-            headers.add("Set-Cookie", line)
+        await self.add_session_cookies(headers, ctx)
         return await relay(request, answer, headers)
 
     # -- sessions ------------------------------------------------------------
@@ -423,7 +421,10 @@ class Gateway:
             and state.session.refresh_token is not None
         )
 
-    async def refresh(self, provider: ProviderRuntime, state: SessionState, ctx: Context) -> None:
+    async def refresh(
+        self, provider: ProviderRuntime, state: SessionState, ctx: Context
+    ) -> Session:
+        """Refresh the session's tokens (single flight); return the new session."""
         assert self.sessions is not None and state.session is not None
         assert state.session.refresh_token is not None
         ctx.refresh_tried = True
@@ -443,7 +444,9 @@ class Gateway:
                 502, "upstream_invalid_response", "the token service answered without a token"
             ) from None
         ctx.refreshed = True
-        self.sessions.replace(state, state.session.with_tokens(tokens, time.time()))
+        session = state.session.with_tokens(tokens, time.time())
+        self.sessions.replace(state, session)
+        return session
 
     # -- where the request came from -----------------------------------------
 
@@ -472,6 +475,12 @@ class Gateway:
         else:
             proto, host = self.scheme, headers.get("Host", "")
         return f"{proto}://{host}"
+
+
+def _bearer(state: SessionState | None) -> str | None:
+    if state is None or state.session is None:
+        return None
+    return f"Bearer {state.session.access_token}"
 
 
 def session_expired() -> GatewayError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from aiohttp import web
 
@@ -35,16 +36,18 @@ def bad_request(message: str) -> GatewayError:
     return GatewayError(400, "bad_request", message)
 
 
-def error_body(code: str, message: str) -> bytes:
-    return json.dumps({"error": code, "message": message}).encode()
+def json_response(data: Any, status: int = 200) -> web.Response:
+    """A JSON answer the gateway writes itself; never cached."""
+    return web.Response(
+        status=status,
+        body=json.dumps(data).encode(),
+        content_type="application/json",
+        headers={"Cache-Control": "no-store"},
+    )
 
 
 def error_response(error: GatewayError) -> web.Response:
     """Render any GatewayError as the JSON of SPEC §4.4."""
-    response = web.Response(
-        status=error.status,
-        body=error_body(error.code, error.message),
-        content_type="application/json",
-        headers={"Cache-Control": "no-store", **error.headers},
-    )
+    response = json_response({"error": error.code, "message": error.message}, error.status)
+    response.headers.update(error.headers)
     return response

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 import yaml
 from aiohttp import web
 
@@ -47,9 +48,9 @@ def build_config(data: dict[str, Any]) -> Config:
     return load_config_text(yaml.safe_dump(data), env={}, source="test")
 
 
-@dataclass
-class RunningGateway:
-    listeners: Listeners
+class _Addresses:
+    """The public and admin URLs of a gateway under test, from its config."""
+
     config: Config
 
     @property
@@ -59,6 +60,12 @@ class RunningGateway:
     @property
     def admin_url(self) -> str:
         return f"http://{self.config.server.admin_listen}"
+
+
+@dataclass
+class RunningGateway(_Addresses):
+    listeners: Listeners
+    config: Config
 
     @property
     def port(self) -> int:
@@ -118,7 +125,7 @@ def error_of(body: bytes) -> str:
     return str(json.loads(body)["error"])
 
 
-class GatewayProcess:
+class GatewayProcess(_Addresses):
     """`bff-gateway run` as a real subprocess (for RSS, signals and workers)."""
 
     def __init__(self, data: dict[str, Any], tmp: Path, env: dict[str, str] | None = None) -> None:
@@ -128,14 +135,6 @@ class GatewayProcess:
         self.log_path = tmp / "gateway.log"
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.config.server.listen}"
-
-    @property
-    def admin_url(self) -> str:
-        return f"http://{self.config.server.admin_listen}"
 
     def start(self, *args: str) -> None:
         self._log = self.log_path.open("wb")
@@ -235,3 +234,16 @@ class RssSampler:
 def pid_of(process: GatewayProcess) -> int:
     assert process.proc is not None and process.proc.poll() is None
     return process.proc.pid
+
+
+async def reached(event: asyncio.Event, *tasks: asyncio.Task[Any], timeout: float = 10) -> None:
+    """Await ``event``; if a client task ends first, its error (or result) says why."""
+    waiter = asyncio.create_task(event.wait())
+    done, _ = await asyncio.wait({waiter, *tasks}, timeout=timeout, return_when="FIRST_COMPLETED")
+    if waiter in done:
+        return
+    waiter.cancel()
+    for task in tasks:
+        if task in done:
+            pytest.fail(f"the request ended before the upstream held it: {task.result()!r}")
+    pytest.fail("timed out waiting for the upstream to hold the request")

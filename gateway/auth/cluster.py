@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import secrets
 import time
@@ -32,8 +31,15 @@ import time
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.auth.refresh import Refresher, RefreshRejected, RefreshUnavailable, SharedTokens
+from gateway.auth.refresh import (
+    Refresher,
+    RefreshRejected,
+    RefreshUnavailable,
+    SharedTokens,
+    token_digest,
+)
 from gateway.sessions.model import Tokens
+from gateway.sessions.redis_store import seal_for_key, unseal_from_key
 from gateway.sessions.seal import KeyRing
 
 LEASE_SECONDS = 5.0
@@ -89,7 +95,7 @@ class ClusterRefresher:
         self._wait_limit = wait_limit
 
     async def refresh(self, refresh_token: str, stale_access: str = "") -> Tokens:
-        digest = hashlib.sha256(refresh_token.encode()).hexdigest()
+        digest = token_digest(refresh_token)
         result_key = f"bff:refresh:result:{self.name}:{digest}"
         lock_key = f"bff:refresh:lock:{self.name}:{digest}"
         owner = secrets.token_hex(16)
@@ -115,10 +121,10 @@ class ClusterRefresher:
         sealed = await self._redis.get(result_key)
         if sealed is None:
             return None
-        unsealed = self._keyring.unseal(_text(sealed), _seal_name(result_key))
-        if unsealed is None:
+        plaintext = unseal_from_key(self._keyring, sealed, _SEAL_NAME, result_key)
+        if plaintext is None:
             return None
-        tokens = _decode(unsealed.plaintext)
+        tokens = _decode(plaintext)
         if tokens is None:
             raise RefreshRejected()
         if tokens.access_token == stale_access:
@@ -140,7 +146,7 @@ class ClusterRefresher:
                 tokens: Tokens | None = await self._provider.refresh(refresh_token)
             except RefreshRejected:
                 tokens = None
-            sealed = self._keyring.seal(_encode(tokens), _seal_name(result_key))
+            sealed = seal_for_key(self._keyring, _encode(tokens), _SEAL_NAME, result_key)
             # The provider has already rotated the token: losing these tokens
             # to a Redis hiccup would strand the session on a revoked one.
             with contextlib.suppress(RedisError):
@@ -158,11 +164,3 @@ class ClusterRefresher:
             while True:
                 await asyncio.sleep(LEASE_SECONDS / 3)
                 await self._redis.eval(_EXTEND, 1, lock_key, owner, int(LEASE_SECONDS * 1000))
-
-
-def _seal_name(result_key: str) -> str:
-    return f"{_SEAL_NAME}|{result_key}"
-
-
-def _text(value: bytes | str) -> str:
-    return value if isinstance(value, str) else value.decode("ascii", "replace")

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, json_response
 from gateway.sessions.manager import SessionState
 from gateway.sessions.model import Session, Tokens
 
@@ -17,15 +16,6 @@ if TYPE_CHECKING:
 
 LOGIN_BODY_LIMIT = 64 * 1024
 _LOGIN_TYPES = ("application/json", "application/x-www-form-urlencoded")
-
-
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(
-        status=status,
-        body=json.dumps(data).encode(),
-        content_type="application/json",
-        headers={"Cache-Control": "no-store"},
-    )
 
 
 def _not_found() -> GatewayError:
@@ -72,8 +62,7 @@ class AuthEndpoints:
         self.gateway.csrf.check(request.method, request.headers, self.gateway.own_origin(request))
 
     async def _respond(self, response: web.Response, ctx: Context) -> web.Response:
-        for line in await self.gateway._cookie_lines(ctx):
-            response.headers.add("Set-Cookie", line)
+        await self.gateway.add_session_cookies(response.headers, ctx)
         return response
 
     async def login(
@@ -97,7 +86,7 @@ class AuthEndpoints:
             raise
         if result.tokens is None:
             self.gateway.metrics.logins.labels(provider.name, "rejected").inc()
-            return _json(result.body, result.status)
+            return json_response(result.body, result.status)
         # A new login replaces whatever session this browser had for the provider.
         state = await manager.load(
             manager.read_cookies(request.headers), provider.name, time.time()
@@ -108,7 +97,7 @@ class AuthEndpoints:
             state.handle = None
         manager.replace(state, Session.start(provider.name, result.tokens, time.time()))
         self.gateway.metrics.logins.labels(provider.name, "success").inc()
-        return await self._respond(_json(result.body, 200), ctx)
+        return await self._respond(json_response(result.body, 200), ctx)
 
     async def logout(
         self, request: web.BaseRequest, providers: list[ProviderRuntime], ctx: Context
@@ -155,9 +144,9 @@ class AuthEndpoints:
         if session is None:
             if state.present and not state.cleared:
                 await manager.clear(state)
-            return await self._respond(_json({"authenticated": False}), ctx)
+            return await self._respond(json_response({"authenticated": False}), ctx)
         return await self._respond(
-            _json(
+            json_response(
                 {
                     "authenticated": True,
                     "provider": provider.name,

@@ -49,7 +49,8 @@ class SharedTokens(Tokens):
 ResultHook = Callable[[str, str], None]  # (provider, result)
 
 
-def _key(refresh_token: str) -> str:
+def token_digest(refresh_token: str) -> str:
+    """What identifies a refresh token in caches, locks and Redis: never the token."""
     return hashlib.sha256(refresh_token.encode()).hexdigest()
 
 
@@ -70,7 +71,7 @@ class RefreshCoordinator:
         session holds: with a provider that does not rotate refresh tokens,
         the same refresh token later needs a genuinely new access token.
         """
-        key = _key(refresh_token)
+        key = token_digest(refresh_token)
         now = time.monotonic()
         recent = self._recent.get(key)
         if recent is not None and recent[0] > now and recent[1].access_token != stale_access:

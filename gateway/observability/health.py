@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable, Sequence
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway.errors import json_response
 
 ReadyCheck = Callable[[], Awaitable[bool]]
 Exposition = Callable[[], bytes]
@@ -46,15 +47,6 @@ class Health:
         return True, "ready"
 
 
-def _json(data: dict[str, str], status: int = 200) -> web.Response:
-    return web.Response(
-        status=status,
-        body=json.dumps(data).encode(),
-        content_type="application/json",
-        headers={"Cache-Control": "no-store"},
-    )
-
-
 @web.middleware
 async def _json_errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -64,9 +56,9 @@ async def _json_errors(
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status == 404:
-            return _json({"error": "not_found", "message": "no such admin endpoint"}, 404)
+            return json_response({"error": "not_found", "message": "no such admin endpoint"}, 404)
         if exc.status == 405:
-            response = _json(
+            response = json_response(
                 {"error": "method_not_allowed", "message": f"{request.method} is not allowed"},
                 405,
             )
@@ -77,11 +69,11 @@ async def _json_errors(
 
 def admin_app(health: Health, exposition: Exposition) -> web.Application:
     async def healthz(_: web.Request) -> web.Response:
-        return _json({"status": "ok"})
+        return json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
         ok, reason = await health.ready()
-        return _json({"status": reason}, 200 if ok else 503)
+        return json_response({"status": reason}, 200 if ok else 503)
 
     async def metrics(_: web.Request) -> web.Response:
         response = web.Response(body=exposition())

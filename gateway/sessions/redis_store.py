@@ -60,8 +60,8 @@ class RedisStore:
             raise StoreUnavailable(type(exc).__name__) from None
         if value is None:
             return None
-        unsealed = self._keyring.unseal(_text(value), _seal_name(key))
-        return Session.from_bytes(unsealed.plaintext) if unsealed is not None else None
+        plaintext = unseal_from_key(self._keyring, value, _SEAL_NAME, key)
+        return Session.from_bytes(plaintext) if plaintext is not None else None
 
     async def save(self, session: Session, handle: bytes | None) -> bytes:
         existing = handle is not None
@@ -69,7 +69,7 @@ class RedisStore:
         key = self._key(handle)
         remaining = session.created_at + self._absolute - time.time()
         ttl_ms = max(1, int(min(self._idle, remaining) * 1000))
-        sealed = self._keyring.seal(session.to_bytes(), _seal_name(key))
+        sealed = seal_for_key(self._keyring, session.to_bytes(), _SEAL_NAME, key)
         try:
             # XX: a session deleted meanwhile (logout, expiry) stays deleted; the
             # cookie written with this answer then names nothing (401 next time).
@@ -94,9 +94,13 @@ class RedisStore:
         return None  # the Redis client belongs to whoever created it
 
 
-def _seal_name(key: str) -> str:
-    return f"{_SEAL_NAME}|{key}"
+def seal_for_key(keyring: KeyRing, data: bytes, purpose: str, key: str) -> str:
+    """Seal a value stored in Redis, bound to its purpose and its own key: copied
+    under another key (someone with write access to Redis), it no longer opens."""
+    return keyring.seal(data, f"{purpose}|{key}")
 
 
-def _text(value: bytes | str) -> str:
-    return value if isinstance(value, str) else value.decode("ascii", "replace")
+def unseal_from_key(keyring: KeyRing, value: bytes | str, purpose: str, key: str) -> bytes | None:
+    text = value if isinstance(value, str) else value.decode("ascii", "replace")
+    unsealed = keyring.unseal(text, f"{purpose}|{key}")
+    return unsealed.plaintext if unsealed is not None else None

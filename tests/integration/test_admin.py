@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.demo.api import STATS_KEY, create_demo_api
 from gateway.observability.metrics import Metrics
-from tests.support import config_dict, free_port, running_app, running_gateway
+from tests.support import config_dict, free_port, reached, running_app, running_gateway
 
 TIMEOUT = aiohttp.ClientTimeout(total=30)  # a misbehaving gateway fails a test, never hangs it
 
@@ -132,19 +132,6 @@ async def metrics_setup() -> AsyncIterator[dict[str, Any]]:
         finally:
             hold.release.set()
             stall.set()
-
-
-async def reached(event: asyncio.Event, *tasks: asyncio.Task[Any], timeout: float = 10) -> None:
-    """Await ``event``; if a client task ends first, its error (or result) says why."""
-    waiter = asyncio.create_task(event.wait())
-    done, _ = await asyncio.wait({waiter, *tasks}, timeout=timeout, return_when="FIRST_COMPLETED")
-    if waiter in done:
-        return
-    waiter.cancel()
-    for task in tasks:
-        if task in done:
-            pytest.fail(f"the request ended before the upstream held it: {task.result()!r}")
-    pytest.fail("timed out waiting for the upstream to hold the request")
 
 
 def listening_ports() -> set[int]:

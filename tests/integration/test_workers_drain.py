@@ -30,7 +30,7 @@ import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import REPO, GatewayProcess, config_dict, running_app
+from tests.support import REPO, GatewayProcess, config_dict, reached, running_app
 
 TIMEOUT = aiohttp.ClientTimeout(total=30)  # a misbehaving gateway fails a test, never hangs it
 
@@ -102,19 +102,6 @@ async def upstream_and_gateway(
             if process.proc is not None and process.proc.poll() is None:
                 process.proc.kill()
                 process.proc.wait()
-
-
-async def reached(event: asyncio.Event, *tasks: asyncio.Task[Any], timeout: float = 10) -> None:
-    """Await ``event``; if a client task ends first, its error (or result) says why."""
-    waiter = asyncio.create_task(event.wait())
-    done, _ = await asyncio.wait({waiter, *tasks}, timeout=timeout, return_when="FIRST_COMPLETED")
-    if waiter in done:
-        return
-    waiter.cancel()
-    for task in tasks:
-        if task in done:
-            pytest.fail(f"the request ended before the upstream held it: {task.result()!r}")
-    pytest.fail("timed out waiting for the upstream to hold the request")
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
