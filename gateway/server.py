@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing
 import os
@@ -47,6 +48,9 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _METRICS_DIR_PREFIX = "bff-metrics-"
 _SUPERVISE_TICK = 0.2  # how often the supervisor looks at its workers
 _PARENT_CHECK = 1.0  # how often a worker checks that its supervisor still lives
+# Young-generation collections every 10,000 net allocations instead of 700:
+# a proxied request allocates a few hundred objects, nearly none in cycles.
+_GC_YOUNG_THRESHOLD = 10_000
 
 
 class StartupError(Exception):
@@ -186,9 +190,24 @@ def _stop_event(*signals: signal.Signals) -> asyncio.Event:
     return stop
 
 
+def settle_heap() -> None:
+    """Tune the cyclic garbage collector of a serving process, once it has started.
+
+    Everything built at startup (config, aiohttp, pydantic, prometheus-client)
+    lives as long as the process; left in the collector's care, every full
+    collection walks all of it again, and those pauses made the p99 latency of
+    `make bench` three times its p50. Frozen, they are never walked again.
+    """
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(_GC_YOUNG_THRESHOLD, middle, old)
+
+
 async def serve_single(config: Config) -> None:
     stop = _stop_event(signal.SIGTERM, signal.SIGINT)
     async with gateway_listeners(config, reuse_port=False, with_admin=True) as listeners:
+        settle_heap()
         event(
             "listening",
             listen=str(config.server.listen),
@@ -209,6 +228,7 @@ async def serve_worker(config: Config, ready: ProcessEvent | None = None) -> Non
     stop = _stop_event(signal.SIGTERM)
     parent = os.getppid()
     async with gateway_listeners(config, reuse_port=True, with_admin=False) as listeners:
+        settle_heap()
         if ready is not None:
             ready.set()
         event("worker ready", listen=str(config.server.listen))
