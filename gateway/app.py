@@ -32,7 +32,7 @@ from gateway.auth.refresh import (
 from gateway.config import Config, PasswordProvider, Route
 from gateway.errors import GatewayError, error_response
 from gateway.headers import ForwardedFor, request_id, response_headers, upstream_request_headers
-from gateway.observability.logs import ACCESS, EVENTS, AccessRecord
+from gateway.observability.logs import ACCESS, EVENTS, AccessRecord, log_access
 from gateway.observability.metrics import Metrics
 from gateway.proxy import (
     RequestBody,
@@ -41,7 +41,7 @@ from gateway.proxy import (
     UpstreamFailure,
     payload_too_large,
     relay,
-    upstream_call,
+    upstream_failure,
 )
 from gateway.routing import RouteTable, split_target, upstream_path
 from gateway.sessions.manager import Absent, SessionManager, SessionState
@@ -87,7 +87,8 @@ class Context:
     upstream_seconds: float | None = None
     refresh_tried: bool = False  # at most one refresh per request, whatever its outcome
     refreshed: bool = False  # a refresh succeeded (logged)
-    bytes_in: int = 0
+    bytes_in: int = 0  # a body the gateway read itself (login)
+    body: RequestBody | None = None  # a body streamed upstream (its size is logged)
     states: list[SessionState] = field(default_factory=list)
 
 
@@ -228,25 +229,23 @@ class Gateway:
         metrics.active.dec()
         metrics.request_done(ctx.route, request.method, status, duration, ctx.upstream_seconds)
         if ACCESS.isEnabledFor(logging.INFO):
-            ACCESS.info(
-                "request",
-                extra={
-                    "access": AccessRecord(
-                        request_id=ctx.request_id,
-                        method=request.method,
-                        path=request.raw_path.partition("?")[0][:2048],
-                        route=ctx.route,
-                        status=status,
-                        duration_ms=round(duration * 1000, 3),
-                        upstream_ms=round(ctx.upstream_seconds * 1000, 3)
-                        if ctx.upstream_seconds is not None
-                        else None,
-                        bytes_in=ctx.bytes_in,
-                        bytes_out=response.body_length if response is not None else 0,
-                        refreshed=ctx.refreshed,
-                        client=request.remote or "",
-                    )
-                },
+            upstream_seconds = ctx.upstream_seconds
+            log_access(
+                AccessRecord(
+                    request_id=ctx.request_id,
+                    method=request.method,
+                    path=request.raw_path.partition("?")[0][:2048],
+                    route=ctx.route,
+                    status=status,
+                    duration_ms=round(duration * 1000, 3),
+                    upstream_ms=round(upstream_seconds * 1000, 3)
+                    if upstream_seconds is not None
+                    else None,
+                    bytes_in=ctx.body.received if ctx.body is not None else ctx.bytes_in,
+                    bytes_out=response.body_length if response is not None else 0,
+                    refreshed=ctx.refreshed,
+                    client=request.remote or "",
+                )
             )
 
     async def _error(
@@ -270,8 +269,9 @@ class Gateway:
         if self.sessions is None:
             return
         for state in ctx.states:
-            for line in await self.sessions.commit(state):
-                headers.add("Set-Cookie", line)
+            if state.dirty or state.cleared:
+                for line in await self.sessions.commit(state):
+                    headers.add("Set-Cookie", line)
 
     async def _dispatch(self, request: web.BaseRequest, ctx: Context) -> web.StreamResponse:
         path, query = split_target(request.raw_path)
@@ -315,31 +315,13 @@ class Gateway:
             await request.writer.write(_CONTINUE)
             request.writer.output_size = 0
 
-        body = (
-            RequestBody(request.content, target.max_body, self.retry_buffer)
-            if request.body_exists
-            else None
-        )
-        try:
-            return await self._forward(request, ctx, target, match.remainder, query, body, state)
-        finally:
-            if body is not None:
-                ctx.bytes_in = body.received
-
-    async def _forward(
-        self,
-        request: web.BaseRequest,
-        ctx: Context,
-        target: Target,
-        remainder: str,
-        query: str,
-        body: RequestBody | None,
-        state: SessionState | None,
-    ) -> web.StreamResponse:
+        body = None
+        if request.body_exists:
+            body = ctx.body = RequestBody(request.content, target.max_body, self.retry_buffer)
+        # Forwarding is inline rather than in helpers: this is every request's
+        # path, and each coroutine layer costs on every suspension and resumption.
         upstream = target.upstream
-        assert upstream is not None
-        url = upstream.url(upstream_path(upstream.base_path, remainder), query)
-        provider = target.provider
+        url = upstream.url(upstream_path(upstream.base_path, match.remainder), query)
         headers = upstream_request_headers(
             request.headers,
             forwarded=self.forwarded_for(request),
@@ -350,11 +332,25 @@ class Gateway:
             inject=upstream.inject_headers,
             authorization=_bearer(state),
         )
+        method = request.method
         while True:
             sent = time.perf_counter()
-            async with await upstream_call(
-                self.client, request.method, url, headers, body, upstream
-            ) as answer:
+            try:
+                answer = await self.client.request(
+                    method,
+                    url,
+                    headers=headers,
+                    data=body.stream() if body is not None else None,
+                    allow_redirects=False,
+                    timeout=upstream.timeout,
+                    ssl=upstream.ssl,
+                )
+            except Exception as exc:
+                # Only failures to open the call are mapped: what is raised
+                # while the response is held (a relay cut short, a store that
+                # failed) passes through, since the client may have its headers.
+                raise upstream_failure(exc, body) from None
+            async with answer:
                 ctx.upstream_seconds = time.perf_counter() - sent
                 wants_refresh = (
                     provider is not None
@@ -363,28 +359,20 @@ class Gateway:
                     and answer.status in provider.refresh_on
                     and self.can_refresh(provider, state)
                 )
-                if not wants_refresh:
-                    return await self._relay(request, answer, upstream, ctx)
-                assert provider is not None and state is not None
-                if body is not None and not body.replayable:
+                if wants_refresh and body is not None and not body.replayable:
                     # Too big to replay: the client gets this answer, but the
                     # next request already carries the refreshed session.
+                    assert provider is not None and state is not None
                     await self.refresh(provider, state, ctx)
-                    return await self._relay(request, answer, upstream, ctx)
+                    wants_refresh = False
+                if not wants_refresh:
+                    reply = response_headers(answer.headers, self.cookie_prefix)
+                    upstream.scrub_response_headers(reply)
+                    await self.add_session_cookies(reply, ctx)
+                    return await relay(request, answer, reply)
+            assert provider is not None and state is not None
             session = await self.refresh(provider, state, ctx)
             headers["Authorization"] = f"Bearer {session.access_token}"  # for the replay
-
-    async def _relay(
-        self,
-        request: web.BaseRequest,
-        answer: aiohttp.ClientResponse,
-        upstream: Upstream,
-        ctx: Context,
-    ) -> web.StreamResponse:
-        headers = response_headers(answer.headers, self.cookie_prefix)
-        upstream.scrub_response_headers(headers)
-        await self.add_session_cookies(headers, ctx)
-        return await relay(request, answer, headers)
 
     # -- sessions ------------------------------------------------------------
 

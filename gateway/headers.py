@@ -8,6 +8,7 @@ browser can never remove a server-held secret.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -52,7 +53,7 @@ def connection_named(headers: Headers) -> set[str]:
     return named
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class ForwardedFor:
     """Where the request came from, as the gateway will tell the upstream."""
 
@@ -62,11 +63,39 @@ class ForwardedFor:
     trusted: bool  # peer is a trusted proxy: keep the chain it sent
 
 
+class _RequestIds:
+    """Fresh request ids: a random per-process prefix and a counter.
+
+    Ids only need to be unique, not secret; a counter is cheaper than
+    gathering randomness for every request. 64 random bits per process keep
+    ids of different workers and restarts apart; a forked child starts a new
+    series (``os.register_at_fork``).
+    """
+
+    __slots__ = ("_counter", "_prefix")
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter) & 0xFFFF_FFFF_FFFF_FFFF:016x}"
+
+
+_REQUEST_IDS = _RequestIds()
+os.register_at_fork(after_in_child=_REQUEST_IDS.restart)
+
+
 def request_id(headers: Headers) -> str:
-    incoming = headers.get("X-Request-Id", "")
+    """The client's X-Request-Id when it is sane, else a fresh one (32 hex digits)."""
+    incoming = headers.get("X-Request-Id")
     # fullmatch: with match, '$' would let a trailing newline through.
-    # os.urandom(16).hex() is uuid4().hex's randomness without building a UUID.
-    return incoming if _REQUEST_ID_RE.fullmatch(incoming) else os.urandom(16).hex()
+    if incoming is not None and _REQUEST_ID_RE.fullmatch(incoming):
+        return incoming
+    return _REQUEST_IDS.next()
 
 
 def is_gateway_cookie(name: str, cookie_prefix: str) -> bool:
@@ -111,27 +140,28 @@ def upstream_request_headers(
             continue
         out.add(name, value)
 
-    def sent(name: str) -> list[str]:
-        """The client's lines of ``name``; none when its Connection header names it."""
-        return [] if name.lower() in named else incoming.getall(name, [])
-
-    if forward_cookies:
-        cookies = filter_cookie_header(sent("Cookie"), cookie_prefix)
+    if forward_cookies and "cookie" not in named:
+        cookies = filter_cookie_header(incoming.getall("Cookie", ()), cookie_prefix)
         if cookies:
             out["Cookie"] = cookies
 
-    def from_proxy(name: str) -> str | None:
-        if not forwarded.trusted:
-            return None
-        # Several lines of one header are one comma-separated list (RFC 9110 §5.3).
-        lines = [line.strip() for line in sent(name) if line.strip()]
-        return ", ".join(lines) or None
-
     # add(), not assignment: _REQUEST_DROP already removed the client's copies.
-    chain = from_proxy("X-Forwarded-For")
-    out.add("X-Forwarded-For", f"{chain}, {forwarded.client_ip}" if chain else forwarded.client_ip)
-    out.add("X-Forwarded-Proto", from_proxy("X-Forwarded-Proto") or forwarded.proto)
-    out.add("X-Forwarded-Host", from_proxy("X-Forwarded-Host") or forwarded.host)
+    if forwarded.trusted:
+        chain = _from_proxy(incoming, named, "X-Forwarded-For")
+        out.add(
+            "X-Forwarded-For", f"{chain}, {forwarded.client_ip}" if chain else forwarded.client_ip
+        )
+        out.add(
+            "X-Forwarded-Proto",
+            _from_proxy(incoming, named, "X-Forwarded-Proto") or forwarded.proto,
+        )
+        out.add(
+            "X-Forwarded-Host", _from_proxy(incoming, named, "X-Forwarded-Host") or forwarded.host
+        )
+    else:
+        out.add("X-Forwarded-For", forwarded.client_ip)
+        out.add("X-Forwarded-Proto", forwarded.proto)
+        out.add("X-Forwarded-Host", forwarded.host)
     out.add("X-Request-Id", req_id)
 
     for name, value in inject.items():
@@ -139,6 +169,15 @@ def upstream_request_headers(
     if authorization is not None:
         out["Authorization"] = authorization
     return out
+
+
+def _from_proxy(incoming: Headers, named: set[str], name: str) -> str | None:
+    """A trusted proxy's value of ``name``: its lines as one list (RFC 9110 §5.3);
+    none when its Connection header names it."""
+    if name.lower() in named:
+        return None
+    lines = [line.strip() for line in incoming.getall(name, ()) if line.strip()]
+    return ", ".join(lines) or None
 
 
 def response_headers(upstream: Headers, cookie_prefix: str) -> CIMultiDict[str]:

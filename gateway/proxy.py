@@ -1,8 +1,9 @@
 """The streaming forwarder: one upstream call, its body, its errors (SPEC §4.1, §4.2).
 
-The forwarder knows nothing of sessions. The caller opens an upstream call,
-looks at the status (a session route may want to refresh and replay), and then
-either relays the response or discards it and calls again.
+The forwarder knows nothing of sessions. The caller (``Gateway``) opens an
+upstream call on the shared client, looks at the status (a session route may
+want to refresh and replay), and then either relays the response or discards
+it and calls again.
 """
 
 from __future__ import annotations
@@ -209,40 +210,19 @@ def client_session(connections: int = 1024) -> aiohttp.ClientSession:
     )
 
 
-async def upstream_call(
-    client: aiohttp.ClientSession,
-    method: str,
-    url: URL,
-    headers: CIMultiDict[str],
-    body: RequestBody | None,
-    upstream: Upstream,
-) -> aiohttp.ClientResponse:
-    """Open the upstream response (use it as ``async with``); map failures to
-    open it to SPEC §4.4 errors.
+def upstream_failure(exc: Exception, body: RequestBody | None) -> GatewayError:
+    """The SPEC §4.4 error for a failure to *open* an upstream call.
 
-    Only failures to *open* the call are mapped. What the caller raises while
-    it holds the response (a relay cut short, a session store that failed)
-    passes through unchanged: remapping it would log a 502 for a response
-    whose 200 headers the client already has. (A plain coroutine rather than
-    an asynccontextmanager: this is on every request's path.)
+    Only opening is mapped: what the caller raises while it holds the response
+    (a relay cut short, a session store that failed) must pass through
+    unchanged, since remapping it would log a 502 for a response whose 200
+    headers the client already has.
     """
-    try:
-        response = await client.request(
-            method,
-            url,
-            headers=headers,
-            data=body.stream() if body is not None else None,
-            allow_redirects=False,
-            timeout=upstream.timeout,
-            ssl=upstream.ssl,
-        )
-    except GatewayError:
-        raise
-    except Exception as exc:
-        if body is not None and body.too_large:
-            raise payload_too_large(body.limit) from None
-        raise map_client_error(exc) from None
-    return response
+    if isinstance(exc, GatewayError):  # raised by the body stream (413)
+        return exc
+    if body is not None and body.too_large:
+        return payload_too_large(body.limit)
+    return map_client_error(exc)
 
 
 def map_client_error(exc: BaseException) -> UpstreamFailure:

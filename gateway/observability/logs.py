@@ -8,11 +8,11 @@ carry only the message and an explicit, small ``fields`` mapping; an
 exception is logged by its type and code location only (a message or a
 traceback's locals may hold a secret).
 
-The access line is on the hot path. Once :func:`setup_logging` has configured
-the process, ``ACCESS.info(..., extra={"access": record})`` skips the logging
-module's LogRecord and handler machinery and writes the formatted line
-straight to the configured stream (about 3x cheaper); anywhere else (tests,
-embedding) the record takes the ordinary logging path, with the same text.
+The access line is on the hot path: :func:`log_access` skips the logging
+module's LogRecord and handler machinery once :func:`setup_logging` has
+configured the process and writes the formatted line straight to the
+configured stream (about 3x cheaper); anywhere else (tests, embedding) the
+record takes the ordinary logging path, with the same text.
 """
 
 from __future__ import annotations
@@ -68,19 +68,26 @@ class _Clock:
         return f"{self._text}.{int((created - second) * 1000):03d}Z"
 
 
+def _json_str(text: str) -> str:
+    """``text`` as a JSON string; most values need no escaping, and checking is cheaper."""
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'
+    return _dumps(text)
+
+
 def _access_json(access: AccessRecord, stamp: str, pid: int | None, logger: str) -> str:
     """The access line, field order fixed; strings JSON-escaped (a path may hold quotes)."""
     upstream = access.upstream_ms
     return (
-        f'{{"time":"{stamp}","level":"info","logger":{_dumps(logger)},'
+        f'{{"time":"{stamp}","level":"info","logger":{_json_str(logger)},'
         f'"pid":{"null" if pid is None else pid},"event":"request",'
-        f'"request_id":{_dumps(access.request_id)},"method":{_dumps(access.method)},'
-        f'"path":{_dumps(access.path)},"route":{_dumps(access.route)},'
+        f'"request_id":{_json_str(access.request_id)},"method":{_json_str(access.method)},'
+        f'"path":{_json_str(access.path)},"route":{_json_str(access.route)},'
         f'"status":{int(access.status)},"duration_ms":{float(access.duration_ms)!r},'
         f'"upstream_ms":{"null" if upstream is None else repr(float(upstream))},'
         f'"bytes_in":{int(access.bytes_in)},"bytes_out":{int(access.bytes_out)},'
         f'"refreshed":{"true" if access.refreshed else "false"},'
-        f'"client":{_dumps(access.client)}}}'
+        f'"client":{_json_str(access.client)}}}'
     )
 
 
@@ -193,38 +200,21 @@ class _AccessSink:
             self.stream.flush()
 
 
-class AccessLogger(logging.Logger):
-    """``bff.access``: an ordinary logger whose access records can take a short cut."""
-
-    sink: _AccessSink | None = None
-
-    def info(self, msg: object, *args: object, **kwargs: Any) -> None:
-        sink = self.sink
-        if sink is not None and not self.handlers:
-            extra = kwargs.get("extra")
-            if extra is not None:
-                access = extra.get("access")
-                if (
-                    type(access) is AccessRecord
-                    and self.isEnabledFor(logging.INFO)
-                    and sink.write(access)
-                ):
-                    return
-        super().info(msg, *args, **kwargs)
+ACCESS = logging.getLogger("bff.access")
+_sink: _AccessSink | None = None
 
 
-def _access_logger() -> AccessLogger:
-    previous = logging.getLoggerClass()
-    logging.setLoggerClass(AccessLogger)
-    try:
-        logger = logging.getLogger("bff.access")
-    finally:
-        logging.setLoggerClass(previous)
-    assert isinstance(logger, AccessLogger), "bff.access was created before this module"
-    return logger
+def log_access(access: AccessRecord) -> None:
+    """Log one access record (the caller checked ``ACCESS.isEnabledFor(logging.INFO)``).
 
-
-ACCESS = _access_logger()
+    Once :func:`setup_logging` has configured the process, and while nobody
+    has added handlers since, the line skips the logging machinery; anywhere
+    else (tests, embedding) the record takes the ordinary logging path.
+    """
+    sink = _sink
+    if sink is not None and not ACCESS.handlers and sink.write(access):
+        return
+    ACCESS.info("request", extra={"access": access})
 
 
 def setup_logging(level: str, fmt: str, access_log: bool = True) -> None:
@@ -235,7 +225,8 @@ def setup_logging(level: str, fmt: str, access_log: bool = True) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     ACCESS.disabled = not access_log
-    ACCESS.sink = _AccessSink(handler, formatter)
+    global _sink
+    _sink = _AccessSink(handler, formatter)
     # aiohttp's own loggers print request lines and tracebacks (which may quote
     # headers): keep them quiet. asyncio's "Task exception was never retrieved"
     # and "Unclosed ..." reports carry reprs and tracebacks: the same.
