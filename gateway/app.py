@@ -237,10 +237,8 @@ class Gateway:
                     path=request.raw_path.partition("?")[0][:2048],
                     route=ctx.route,
                     status=status,
-                    duration_ms=round(duration * 1000, 3),
-                    upstream_ms=round(upstream_seconds * 1000, 3)
-                    if upstream_seconds is not None
-                    else None,
+                    duration_ms=duration * 1000,
+                    upstream_ms=upstream_seconds * 1000 if upstream_seconds is not None else None,
                     bytes_in=ctx.body.received if ctx.body is not None else ctx.bytes_in,
                     bytes_out=response.body_length if response is not None else 0,
                     refreshed=ctx.refreshed,

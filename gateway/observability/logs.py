@@ -40,7 +40,7 @@ class AccessRecord:
     path: str  # raw path only, never the query
     route: str
     status: int
-    duration_ms: float
+    duration_ms: float  # written with three decimals
     upstream_ms: float | None
     bytes_in: int
     bytes_out: int
@@ -78,16 +78,20 @@ def _json_str(text: str) -> str:
 
 
 def _access_json(access: AccessRecord, stamp: str, pid: int | None, logger: str) -> str:
-    """The access line, field order fixed; strings JSON-escaped (a path may hold quotes)."""
+    """The access line, field order fixed; strings JSON-escaped (a path may hold quotes).
+
+    The request id needs no escaping: it is either generated or was accepted
+    only if it matched ``[A-Za-z0-9._:-]{1,128}`` (gateway.headers).
+    """
     upstream = access.upstream_ms
     return (
         f'{{"time":"{stamp}","level":"info","logger":{_json_str(logger)},'
         f'"pid":{"null" if pid is None else pid},"event":"request",'
-        f'"request_id":{_json_str(access.request_id)},"method":{_json_str(access.method)},'
+        f'"request_id":"{access.request_id}","method":{_json_str(access.method)},'
         f'"path":{_json_str(access.path)},"route":{_json_str(access.route)},'
-        f'"status":{int(access.status)},"duration_ms":{float(access.duration_ms)!r},'
-        f'"upstream_ms":{"null" if upstream is None else repr(float(upstream))},'
-        f'"bytes_in":{int(access.bytes_in)},"bytes_out":{int(access.bytes_out)},'
+        f'"status":{access.status:d},"duration_ms":{access.duration_ms:.3f},'
+        f'"upstream_ms":{"null" if upstream is None else f"{upstream:.3f}"},'
+        f'"bytes_in":{access.bytes_in:d},"bytes_out":{access.bytes_out:d},'
         f'"refreshed":{"true" if access.refreshed else "false"},'
         f'"client":{_json_str(access.client)}}}'
     )
