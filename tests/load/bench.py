@@ -116,6 +116,60 @@ def free_port() -> int:
 # -- processes -----------------------------------------------------------------
 
 
+class CpuBudget:
+    """A CPU cgroup with a quota: the processes in it get at most ``cpus`` CPUs' time.
+
+    Used to show `workers: 2` scaling on a 2-core machine: each worker gets a
+    fixed budget, leaving the rest of the machine to wrk and the upstream.
+    Needs root and the cgroup ``cpu`` controller (v1 ``cpu.cfs_quota_us`` or
+    v2 ``cpu.max``); ``create`` returns None otherwise.
+    """
+
+    PERIOD_US = 20_000  # short periods: less waiting when a budget runs out mid-burst
+
+    def __init__(self, path: Path, v2: bool) -> None:
+        self.path = path
+        self.v2 = v2
+
+    @classmethod
+    def create(cls, name: str) -> CpuBudget | None:
+        for root, v2 in ((Path("/sys/fs/cgroup/cpu"), False), (Path("/sys/fs/cgroup"), True)):
+            if v2 and "cpu" not in _read(root / "cgroup.subtree_control").split():
+                continue
+            if not v2 and not (root / "cpu.cfs_quota_us").exists():
+                continue
+            try:
+                (root / name).mkdir()
+            except OSError:
+                continue
+            return cls(root / name, v2)
+        return None
+
+    def limit(self, cpus: float | None) -> None:
+        quota = -1 if cpus is None else int(cpus * self.PERIOD_US)
+        if self.v2:
+            text = "max" if quota < 0 else str(quota)
+            (self.path / "cpu.max").write_text(f"{text} {self.PERIOD_US}")
+        else:
+            (self.path / "cpu.cfs_period_us").write_text(str(self.PERIOD_US))
+            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
+
+    def join(self) -> None:
+        """Move the calling process in (from a child's preexec_fn)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            self.path.rmdir()  # only once its processes are gone
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
 class Processes:
     """Every child this run started; all stopped on exit, whatever happens."""
 
@@ -131,13 +185,17 @@ class Processes:
         cpu: int | None,
         env: dict[str, str] | None = None,
         stdout: Path | None = None,
+        budget: CpuBudget | None = None,
     ) -> subprocess.Popen[bytes]:
         log = (stdout or self.tmp / f"{name}.log").open("wb")
         preexec: Callable[[], None] | None = None
-        if cpu is not None:
+        if cpu is not None or budget is not None:
 
             def preexec() -> None:
-                os.sched_setaffinity(0, {cpu})
+                if cpu is not None:
+                    os.sched_setaffinity(0, {cpu})
+                if budget is not None:
+                    budget.join()  # children (the workers) inherit it
 
         try:
             proc = subprocess.Popen(
@@ -346,12 +404,12 @@ def start_upstream(procs: Processes) -> str:
     return url
 
 
-def gateway_config(upstream: str, access_log: bool) -> dict[str, Any]:
+def gateway_config(upstream: str, access_log: bool, workers: int = 1) -> dict[str, Any]:
     data: dict[str, Any] = {
         "server": {
             "listen": f"127.0.0.1:{free_port()}",
             "admin_listen": f"127.0.0.1:{free_port()}",
-            "workers": 1,
+            "workers": workers,
             "shutdown_timeout": 1,
         },
         "session": {"secure": False, "keys": [{"id": "k1", "secret": "${BFF_BENCH_KEY}"}]},
@@ -372,21 +430,32 @@ def gateway_config(upstream: str, access_log: bool) -> dict[str, Any]:
     return data
 
 
-def start_gateway(procs: Processes, upstream: str, access_log: bool) -> str:
-    """`python -m gateway run` with workers 1; its stdout (the access log) goes to a file."""
+def start_gateway(
+    procs: Processes,
+    upstream: str,
+    access_log: bool,
+    *,
+    workers: int = 1,
+    cpu: int | None = TARGET_CPU,
+    budget: CpuBudget | None = None,
+) -> str:
+    """`python -m gateway run`; its stdout (the access log) goes to a file."""
     from gateway.sessions.seal import new_key_text
 
-    data = gateway_config(upstream, access_log)
-    name = "gateway" if access_log else "gateway-nolog"
+    data = gateway_config(upstream, access_log, workers)
+    name = ("gateway" if access_log else "gateway-nolog") + (f"-w{workers}" if workers > 1 else "")
+    if budget is not None:
+        name += "-budget"
     path = procs.tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     log = procs.tmp / f"{name}.log"
     proc = procs.start(
         name,
         [PYTHON, "-m", "gateway", "run", "--config", str(path)],
-        cpu=TARGET_CPU,
+        cpu=cpu,
         env={"BFF_BENCH_KEY": new_key_text()},
         stdout=log,
+        budget=budget,
     )
     wait_http(f"http://{data['server']['admin_listen']}/readyz", proc, log)
     return f"http://{data['server']['listen']}"
@@ -558,6 +627,86 @@ def measure_all(procs: Processes, targets: list[Target | ClientLoop]) -> dict[st
     return results
 
 
+# -- workers: 2 ---------------------------------------------------------------------
+
+WORKER_CPUS = _env_float("BENCH_WORKER_CPUS", 0.5)
+
+
+@dataclass
+class ScalingRow:
+    workers: int
+    budget: str
+    run: Run
+
+
+def measure_workers(procs: Processes, upstream: str) -> list[ScalingRow]:
+    """The session route with `workers: 1` and `workers: 2`, twice.
+
+    First with the whole machine (no pinning): on 2 cores two workers, the
+    upstream and wrk compete for the same CPUs, so this cannot show scaling.
+    Then with a CPU budget of BENCH_WORKER_CPUS per worker (a cgroup quota),
+    which leaves CPU time over for wrk and the upstream, as a machine with a
+    core for the load generator would. Run it last: it stops every process.
+    """
+    seconds = max(1.0, DURATION / ROUNDS)
+    rows: list[ScalingRow] = []
+    budgets = {w: CpuBudget.create(f"bff-bench-{os.getpid()}-w{w}") for w in (1, 2)}
+    try:
+        gateways = {}
+        for workers in (1, 2):
+            gateways[workers] = start_gateway(
+                procs, upstream, True, workers=workers, cpu=None, budget=budgets[workers]
+            )
+        phases: list[tuple[str, float | None]] = [("whole machine", None)]
+        if all(budgets.values()):
+            phases.append((f"{WORKER_CPUS:g} CPU per worker", WORKER_CPUS))
+        else:
+            print("workers: no CPU cgroup (needs root): budgeted rows skipped", flush=True)
+        for label, per_worker in phases:
+            for workers, gateway in gateways.items():
+                budget = budgets[workers]
+                if budget is not None:
+                    budget.limit(None if per_worker is None else per_worker * workers)
+                target = Target(
+                    f"w{workers}", "", f"{gateway}/api/hello", None, "", session_headers(gateway)
+                )
+                runs = [target.run(procs, seconds, WARMUP) for _ in range(ROUNDS)]
+                best = max(runs, key=lambda r: r.rps)
+                print(f"  workers {workers}, {label}: {best.rps:,.0f} req/s", flush=True)
+                rows.append(ScalingRow(workers, label, best))
+    finally:
+        procs.stop_all()  # a cgroup can only be removed once its processes are gone
+        for budget in budgets.values():
+            if budget is not None:
+                budget.remove()
+    return rows
+
+
+def render_workers(rows: list[ScalingRow]) -> str:
+    lines = [
+        "",
+        "### `workers: 2`",
+        "",
+        "Session route, access log on, nothing pinned; each row the best of "
+        f"{ROUNDS} runs. On the whole machine, wrk, the upstream and both workers share "
+        "2 CPUs; with a CPU budget (a cgroup quota per gateway) the rest of the machine "
+        "is left to wrk and the upstream, as a dedicated load-generator core would be.",
+        "",
+        "| workers | CPU | req/s | p99 | ÷ 1 worker |",
+        "|---:|---|---:|---:|---:|",
+    ]
+    single = {row.budget: row.run.rps for row in rows if row.workers == 1}
+    for row in rows:
+        base = single.get(row.budget, 0.0)
+        ratio = f"{row.run.rps / base:.2f}" if base > 0 else "n/a"
+        problems = f" ({'; '.join(row.run.problems)})" if row.run.problems else ""
+        lines.append(
+            f"| {row.workers} | {row.budget} | {_fmt_rps(row.run.rps)}{problems} | "
+            f"{_fmt_ms(row.run.p99_ms)} | {ratio} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 # -- micro-benchmarks -------------------------------------------------------------
 
 
@@ -668,7 +817,10 @@ RATIOS = [
     ("b/c", "b", "c", "gateway ÷ minimal aiohttp proxy"),
     ("b/d", "b", "d", "gateway ÷ nginx"),
     ("b2/b", "b2", "b", "session route ÷ auth: none route"),
+    ("b2/c", "b2", "c", "session route ÷ minimal aiohttp proxy"),
+    ("b2'/c", "b2'", "c", "session route without access log ÷ minimal aiohttp proxy"),
     ("b2/ceiling", "b2", "ceiling", "session route ÷ 1/(1/S + 1/C)"),
+    ("b2'/ceiling", "b2'", "ceiling", "session route without access log ÷ ceiling"),
     ("b'/b", "b'", "b", "access log off ÷ on, auth: none route"),
     ("b2'/b2", "b2'", "b2", "access log off ÷ on, session route"),
     ("c/ceiling", "c", "ceiling", "minimal aiohttp proxy ÷ ceiling"),
@@ -755,7 +907,8 @@ def main() -> int:
         upstream = start_upstream(procs)
         targets = start_targets(procs, upstream)
         results = measure_all(procs, targets)
-        procs.stop_all()
+        print("workers: 1 and 2", flush=True)
+        scaling = measure_workers(procs, upstream)
         s, c = results["S"].rps, results["C"].rps
         results["ceiling"] = Result(
             "ceiling",
@@ -765,7 +918,7 @@ def main() -> int:
         )
         if c >= 0.9 * results["a"].rps:
             results["C"].problems.append("near the upstream's own rate: C may be upstream-bound")
-        table = render(results, micro, load_before)
+        table = render(results, micro, load_before) + render_workers(scaling)
         print()
         print(table)
         out_dir = REPO / "test-output"
