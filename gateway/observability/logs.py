@@ -188,8 +188,10 @@ class _AccessSink:
     def write(self, access: AccessRecord) -> bool:
         if logging.root.handlers != [self.handler]:
             return False  # someone reconfigured logging: take the ordinary path
-        pending = self.pending
-        pending.append(self.format(access, time.time(), self.pid))
+        line = self.format(access, time.time(), self.pid)
+        with self.lock:  # an event logged from another thread may be flushing
+            pending = self.pending
+            pending.append(line)
         if len(pending) == 1:
             try:
                 asyncio.get_running_loop().call_soon(self.flush)
