@@ -188,8 +188,15 @@ safe_escape = st.builds(
 
 
 def _is_dot_free(segment: str) -> bool:
-    """No dot segment, even once decoded and split on an encoded '/' (tested separately)."""
-    return all(part not in (b".", b"..") for part in unquote_to_bytes(segment).split(b"/"))
+    """No dot segment in any spelling the gateway rejects (each tested separately): as it
+    is or decoded up to three times, split on '/' or '\\', with any ';params' dropped."""
+    decoded = segment.encode()
+    for _ in range(4):
+        for part in decoded.replace(b"\\", b"/").split(b"/"):
+            if part.split(b";", 1)[0] in (b".", b".."):
+                return False
+        decoded = unquote_to_bytes(decoded)
+    return True
 
 
 segment = (
