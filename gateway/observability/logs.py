@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -78,16 +77,12 @@ def _json_str(text: str) -> str:
 
 
 def _access_json(access: AccessRecord, stamp: str, pid: int | None, logger: str) -> str:
-    """The access line, field order fixed; strings JSON-escaped (a path may hold quotes).
-
-    The request id needs no escaping: it is either generated or was accepted
-    only if it matched ``[A-Za-z0-9._:-]{1,128}`` (gateway.headers).
-    """
+    """The access line, field order fixed; strings JSON-escaped (a path may hold quotes)."""
     upstream = access.upstream_ms
     return (
         f'{{"time":"{stamp}","level":"info","logger":{_json_str(logger)},'
         f'"pid":{"null" if pid is None else pid},"event":"request",'
-        f'"request_id":"{access.request_id}","method":{_json_str(access.method)},'
+        f'"request_id":{_json_str(access.request_id)},"method":{_json_str(access.method)},'
         f'"path":{_json_str(access.path)},"route":{_json_str(access.route)},'
         f'"status":{access.status:d},"duration_ms":{access.duration_ms:.3f},'
         f'"upstream_ms":{"null" if upstream is None else f"{upstream:.3f}"},'
@@ -172,38 +167,45 @@ class _AccessSink:
     Lines are gathered here and leave in one write() per event-loop turn. The
     stream's own buffering cannot be relied on for that: containers usually
     run Python with PYTHONUNBUFFERED=1, where every line would be a system
-    call of its own (measured: a third of all the gateway's writes).
+    call of its own (measured: a third of all the gateway's writes). The
+    handler's own (re-entrant) lock guards the lines, so that an event logged
+    from any thread is written after the access lines gathered before it.
     """
 
-    __slots__ = ("format", "handler", "lock", "pending", "pid", "stream")
+    __slots__ = ("flush_loop", "format", "handler", "pending", "pid", "stream")
 
     def __init__(self, handler: _OrderedStreamHandler, formatter: Any) -> None:
         self.handler = handler
         self.stream = handler.stream
-        self.lock = threading.Lock()
         self.format = formatter.format_access
         self.pid = os.getpid()
         self.pending: list[str] = []
+        # The loop a flush is scheduled on; None once it ran. A loop that is
+        # stopped or closed before running it does not leave lines stranded:
+        # the next line on another loop schedules again.
+        self.flush_loop: asyncio.AbstractEventLoop | None = None
 
     def write(self, access: AccessRecord) -> bool:
         if logging.root.handlers != [self.handler]:
             return False  # someone reconfigured logging: take the ordinary path
         line = self.format(access, time.time(), self.pid)
-        with self.lock:  # an event logged from another thread may be flushing
-            pending = self.pending
-            pending.append(line)
-        if len(pending) == 1:
-            try:
-                asyncio.get_running_loop().call_soon(self.flush)
-            except RuntimeError:  # no loop: nothing will come back to flush
-                self.flush()
-        elif len(pending) >= _MAX_PENDING_LINES:
-            self.flush()
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self.handler.lock:  # type: ignore[union-attr]  # StreamHandler has one
+            self.pending.append(line)
+            if loop is None or len(self.pending) >= _MAX_PENDING_LINES:
+                self.flush()  # no loop would come back to it; or a turn that logs a lot
+            elif self.flush_loop is not loop:
+                self.flush_loop = loop
+                loop.call_soon(self.flush)
         return True
 
     def flush(self) -> None:
-        with self.lock:
+        with self.handler.lock:  # type: ignore[union-attr]
             lines, self.pending = self.pending, []
+            self.flush_loop = None
             if lines:
                 # stdout gone (closed pipe): never fail a request over a log line.
                 with contextlib.suppress(OSError, ValueError):
@@ -249,6 +251,13 @@ def log_access(access: AccessRecord) -> None:
     ACCESS.info("request", extra={"access": access})
 
 
+@atexit.register
+def _flush_at_exit() -> None:
+    """The access lines of the very last loop turn."""
+    if _sink is not None:
+        _sink.flush()
+
+
 def setup_logging(level: str, fmt: str, access_log: bool = True) -> None:
     handler = _OrderedStreamHandler(sys.stdout)
     formatter = JsonFormatter() if fmt == "json" else TextFormatter()
@@ -259,7 +268,6 @@ def setup_logging(level: str, fmt: str, access_log: bool = True) -> None:
     ACCESS.disabled = not access_log
     global _sink
     _sink = handler.sink = _AccessSink(handler, formatter)
-    atexit.register(_sink.flush)  # the lines of the very last loop turn
     # aiohttp's own loggers print request lines and tracebacks (which may quote
     # headers): keep them quiet. asyncio's "Task exception was never retrieved"
     # and "Unclosed ..." reports carry reprs and tracebacks: the same.

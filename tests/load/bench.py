@@ -132,7 +132,9 @@ class CpuBudget:
         self.v2 = v2
 
     @classmethod
-    def create(cls, name: str) -> CpuBudget | None:
+    def create(cls, name: str, processes: int) -> CpuBudget | None:
+        """A new cgroup weighted like ``processes`` ordinary processes (so that, without a
+        quota, its processes compete for CPU as they would outside of it)."""
         for root, v2 in ((Path("/sys/fs/cgroup/cpu"), False), (Path("/sys/fs/cgroup"), True)):
             if v2 and "cpu" not in _read(root / "cgroup.subtree_control").split():
                 continue
@@ -142,7 +144,16 @@ class CpuBudget:
                 (root / name).mkdir()
             except OSError:
                 continue
-            return cls(root / name, v2)
+            budget = cls(root / name, v2)
+            try:
+                if v2:
+                    (budget.path / "cpu.weight").write_text(str(100 * processes))
+                else:
+                    (budget.path / "cpu.shares").write_text(str(1024 * processes))
+            except OSError:
+                budget.remove()
+                continue
+            return budget
         return None
 
     def limit(self, cpus: float | None) -> None:
@@ -158,9 +169,26 @@ class CpuBudget:
         """Move the calling process in (from a child's preexec_fn)."""
         (self.path / "cgroup.procs").write_text(str(os.getpid()))
 
-    def remove(self) -> None:
-        with contextlib.suppress(OSError):
-            self.path.rmdir()  # only once its processes are gone
+    def remove(self, timeout: float = 10) -> None:
+        """Remove the cgroup once its processes are gone (killing stragglers such as
+        multiprocessing's resource tracker, which outlives its parent for a moment)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = [int(pid) for pid in _read(self.path / "cgroup.procs").split()]
+            if not left:
+                try:
+                    self.path.rmdir()
+                    return
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                print(f"bench: could not remove {self.path}; remove it by hand", file=sys.stderr)
+                return
+            if time.monotonic() > deadline - timeout / 2:
+                for pid in left:
+                    with contextlib.suppress(OSError):
+                        os.kill(pid, signal.SIGKILL)
+            time.sleep(0.05)
 
 
 def _read(path: Path) -> str:
@@ -650,8 +678,10 @@ def measure_workers(procs: Processes, upstream: str) -> list[ScalingRow]:
     """
     seconds = max(1.0, DURATION / ROUNDS)
     rows: list[ScalingRow] = []
-    budgets = {w: CpuBudget.create(f"bff-bench-{os.getpid()}-w{w}") for w in (1, 2)}
+    budgets: dict[int, CpuBudget | None] = {}
     try:
+        for workers in (1, 2):
+            budgets[workers] = CpuBudget.create(f"bff-bench-{os.getpid()}-w{workers}", workers)
         gateways = {}
         for workers in (1, 2):
             gateways[workers] = start_gateway(

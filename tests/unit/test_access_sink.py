@@ -49,18 +49,25 @@ def record(n: int) -> AccessRecord:
     )
 
 
+# setup_logging() quiets these; the fixture puts them back for the rest of the suite.
+QUIETED = ("aiohttp.access", "aiohttp.server", "aiohttp.web", "aiohttp.client", "asyncio")
+
+
 @pytest.fixture
 def stream(monkeypatch: pytest.MonkeyPatch) -> Iterator[RecordingStream]:
     recording = RecordingStream()
     monkeypatch.setattr(sys, "stdout", recording)
     root = logging.getLogger()
     saved = (root.handlers[:], root.level, ACCESS.disabled, logs._sink, sys.excepthook)
+    quieted = {name: logging.getLogger(name).level for name in QUIETED}
     setup_logging("INFO", "json", access_log=True)
     try:
         yield recording
     finally:
         root.handlers[:], level, ACCESS.disabled, logs._sink, sys.excepthook = saved
         root.setLevel(level)
+        for name, previous in quieted.items():
+            logging.getLogger(name).setLevel(previous)
 
 
 def without_pytest_capture() -> None:
@@ -126,3 +133,47 @@ async def test_a_closed_stdout_never_fails_the_request(stream: RecordingStream) 
     log_access(record(4))
     await asyncio.sleep(0)
     await asyncio.sleep(0)  # the flush ran against a closed stream, quietly
+
+
+def test_lines_of_a_loop_that_stopped_before_flushing_are_not_stranded(
+    stream: RecordingStream,
+) -> None:
+    without_pytest_capture()
+    loop = asyncio.new_event_loop()
+    loop.call_soon(loop.stop)  # stops before the flush scheduled below can run
+    loop.call_soon(log_access, record(1))
+    loop.run_forever()
+    loop.close()
+    assert stream.writes == []
+
+    async def more() -> None:
+        for n in range(2, 6):
+            log_access(record(n))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    asyncio.run(more())
+    assert [e["request_id"] for e in lines_of(stream.getvalue())] == [
+        f"req-{n}" for n in range(1, 6)
+    ]
+
+
+def test_an_event_from_another_thread_comes_after_the_lines_before_it(
+    stream: RecordingStream,
+) -> None:
+    without_pytest_capture()
+
+    async def scenario() -> None:
+        log_access(record(1))
+        await asyncio.to_thread(event, "from a thread")
+        log_access(record(2))
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    asyncio.run(scenario())
+    entries = lines_of(stream.getvalue())
+    assert [e.get("request_id", e["event"]) for e in entries] == [
+        "req-1",
+        "from a thread",
+        "req-2",
+    ]
