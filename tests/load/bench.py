@@ -665,16 +665,42 @@ class ScalingRow:
     workers: int
     budget: str
     run: Run
+    cores: float  # CPU time the gateway's processes used per second of the run
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """User + system CPU seconds of a process and all its live descendants (/proc)."""
+    children: dict[int, list[int]] = {}
+    seconds: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        seconds[int(entry.name)] = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    total, stack = 0.0, [root]
+    while stack:
+        pid = stack.pop()
+        total += seconds.get(pid, 0.0)
+        stack.extend(children.get(pid, ()))
+    return total
 
 
 def measure_workers(procs: Processes, upstream: str) -> list[ScalingRow]:
     """The session route with `workers: 1` and `workers: 2`, twice.
 
     First with the whole machine (no pinning): on 2 cores two workers, the
-    upstream and wrk compete for the same CPUs, so this cannot show scaling.
-    Then with a CPU budget of BENCH_WORKER_CPUS per worker (a cgroup quota),
-    which leaves CPU time over for wrk and the upstream, as a machine with a
-    core for the load generator would. Run it last: it stops every process.
+    upstream and wrk compete for the same CPUs, so req/s cannot show scaling;
+    req/s per core the gateway used can. Then with a CPU budget of
+    BENCH_WORKER_CPUS per worker (a cgroup quota), which leaves CPU time over
+    for wrk and the upstream, as a machine with a core for the load generator
+    would. Run it last: it stops every process.
     """
     seconds = max(1.0, DURATION / ROUNDS)
     rows: list[ScalingRow] = []
@@ -682,28 +708,39 @@ def measure_workers(procs: Processes, upstream: str) -> list[ScalingRow]:
     try:
         for workers in (1, 2):
             budgets[workers] = CpuBudget.create(f"bff-bench-{os.getpid()}-w{workers}", workers)
-        gateways = {}
+        gateways: dict[int, tuple[str, int]] = {}
         for workers in (1, 2):
-            gateways[workers] = start_gateway(
+            url = start_gateway(
                 procs, upstream, True, workers=workers, cpu=None, budget=budgets[workers]
             )
+            gateways[workers] = (url, procs.running[-1].pid)  # the supervisor just started
         phases: list[tuple[str, float | None]] = [("whole machine", None)]
         if all(budgets.values()):
             phases.append((f"{WORKER_CPUS:g} CPU per worker", WORKER_CPUS))
         else:
             print("workers: no CPU cgroup (needs root): budgeted rows skipped", flush=True)
         for label, per_worker in phases:
-            for workers, gateway in gateways.items():
+            for workers, (gateway, pid) in gateways.items():
                 budget = budgets[workers]
                 if budget is not None:
                     budget.limit(None if per_worker is None else per_worker * workers)
-                target = Target(
-                    f"w{workers}", "", f"{gateway}/api/hello", None, "", session_headers(gateway)
+                url = f"{gateway}/api/hello"
+                headers = session_headers(gateway)()
+                check_hello(url, dict(h.split(": ", 1) for h in headers))
+                wrk(procs, url, server_cpu=None, headers=headers, seconds=max(WARMUP, 1))
+                measured = []
+                for _ in range(ROUNDS):
+                    cpu_before, started = tree_cpu_seconds(pid), time.monotonic()
+                    out = wrk(procs, url, server_cpu=None, headers=headers, seconds=seconds)
+                    cores = (tree_cpu_seconds(pid) - cpu_before) / (time.monotonic() - started)
+                    measured.append((parse_wrk(out), cores))
+                best, cores = max(measured, key=lambda m: m[0].rps)
+                print(
+                    f"  workers {workers}, {label}: {best.rps:,.0f} req/s, "
+                    f"gateway {cores:.2f} cores",
+                    flush=True,
                 )
-                runs = [target.run(procs, seconds, WARMUP) for _ in range(ROUNDS)]
-                best = max(runs, key=lambda r: r.rps)
-                print(f"  workers {workers}, {label}: {best.rps:,.0f} req/s", flush=True)
-                rows.append(ScalingRow(workers, label, best))
+                rows.append(ScalingRow(workers, label, best, cores))
     finally:
         procs.stop_all()  # a cgroup can only be removed once its processes are gone
         for budget in budgets.values():
@@ -720,19 +757,21 @@ def render_workers(rows: list[ScalingRow]) -> str:
         "Session route, access log on, nothing pinned; each row the best of "
         f"{ROUNDS} runs. On the whole machine, wrk, the upstream and both workers share "
         "2 CPUs; with a CPU budget (a cgroup quota per gateway) the rest of the machine "
-        "is left to wrk and the upstream, as a dedicated load-generator core would be.",
+        "is left to wrk and the upstream, as a dedicated load-generator core would be. "
+        "'cores' is the CPU time the gateway's processes used per second of the run.",
         "",
-        "| workers | CPU | req/s | p99 | ÷ 1 worker |",
-        "|---:|---|---:|---:|---:|",
+        "| workers | CPU | req/s | p99 | ÷ 1 worker | cores | req/s per core |",
+        "|---:|---|---:|---:|---:|---:|---:|",
     ]
     single = {row.budget: row.run.rps for row in rows if row.workers == 1}
     for row in rows:
         base = single.get(row.budget, 0.0)
         ratio = f"{row.run.rps / base:.2f}" if base > 0 else "n/a"
+        per_core = _fmt_rps(row.run.rps / row.cores) if row.cores > 0 else "n/a"
         problems = f" ({'; '.join(row.run.problems)})" if row.run.problems else ""
         lines.append(
             f"| {row.workers} | {row.budget} | {_fmt_rps(row.run.rps)}{problems} | "
-            f"{_fmt_ms(row.run.p99_ms)} | {ratio} |"
+            f"{_fmt_ms(row.run.p99_ms)} | {ratio} | {row.cores:.2f} | {per_core} |"
         )
     return "\n".join(lines) + "\n"
 
