@@ -229,12 +229,13 @@ _sink: _AccessSink | None = None
 
 
 def _only_root_handles_access() -> bool:
-    """No handler was added between ``bff.access`` and the root logger (tests do that)."""
+    """Records of ``bff.access`` reach the root logger's handlers and no other
+    (tests add handlers on the way, or stop propagation)."""
     logger: logging.Logger | None = ACCESS
     while logger is not None and logger is not logging.root:
-        if logger.handlers:
+        if logger.handlers or not logger.propagate:
             return False
-        logger = logger.parent if logger.propagate else None
+        logger = logger.parent
     return True
 
 
