@@ -30,7 +30,7 @@ from gateway.auth.refresh import (
     RefreshUnavailable,
 )
 from gateway.config import Config, PasswordProvider, Route
-from gateway.errors import GatewayError, error_response
+from gateway.errors import GatewayError, error_response, method_not_allowed
 from gateway.headers import ForwardedFor, request_id, response_headers, upstream_request_headers
 from gateway.observability.logs import ACCESS, EVENTS, AccessRecord, log_access
 from gateway.observability.metrics import Metrics
@@ -282,16 +282,11 @@ class Gateway:
         target = self.targets[match.index]
         ctx.route = target.label
         if target.methods is not None and request.method not in target.methods:
-            raise GatewayError(
-                405,
-                "method_not_allowed",
-                f"{request.method} is not allowed here",
-                {"Allow": ", ".join(sorted(target.methods))},
-            )
+            raise method_not_allowed(request.method, sorted(target.methods))
         if target.static is not None:
             if request.method not in ("GET", "HEAD"):
-                raise GatewayError(
-                    405, "method_not_allowed", "static files are read-only", {"Allow": "GET, HEAD"}
+                raise method_not_allowed(
+                    request.method, ("GET", "HEAD"), "static files are read-only"
                 )
             return await target.static.serve(request, match.remainder)
         assert target.upstream is not None

@@ -63,10 +63,6 @@ def main(argv: list[str] | None = None) -> int:
     return run(config, args.workers)
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
-
-
 def entry() -> None:
     """Console-script entry point: exit with main()'s status."""
     sys.exit(main())

@@ -181,7 +181,7 @@ class CSRF(_Strict):
 
 class SessionConfig(_Strict):
     store: Literal["cookie", "memory", "redis"] = "cookie"
-    redis_url: str | None = None
+    redis_url: str | None = Field(None, repr=False)  # may carry a password
     cookie_prefix: str = Field("bff", pattern=r"^[A-Za-z0-9_]{1,32}$")
     secure: bool = True
     same_site: Literal["Strict", "Lax", "None"] = "Strict"
@@ -200,7 +200,8 @@ class PasswordProvider(_Strict):
     access_token_field: str = "token"  # noqa: S105 - a field name, not a secret
     refresh_token_field: str = "refresh_token"  # noqa: S105
     expires_in_field: str | None = None
-    refresh_body: dict[str, Any] = {"refresh_token": "{refresh_token}"}
+    # May carry a client secret.
+    refresh_body: dict[str, Any] = Field({"refresh_token": "{refresh_token}"}, repr=False)
     refresh_on: list[Annotated[int, Field(ge=400, le=599)]] = [401]
     refresh_skew: float = Field(30, ge=0)
     refresh_grace: float = Field(60, ge=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
@@ -34,6 +35,17 @@ class GatewayError(Exception):
 
 def bad_request(message: str) -> GatewayError:
     return GatewayError(400, "bad_request", message)
+
+
+def method_not_allowed(
+    method: str, allowed: Iterable[str], message: str | None = None
+) -> GatewayError:
+    return GatewayError(
+        405,
+        "method_not_allowed",
+        message or f"{method} is not allowed here",
+        {"Allow": ", ".join(allowed)},
+    )
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:

@@ -8,6 +8,7 @@ browser can never remove a server-held secret.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import re
@@ -99,10 +100,13 @@ def request_id(headers: Headers) -> str:
     return _REQUEST_IDS.next()
 
 
+@functools.cache
+def _gateway_cookie_prefixes(cookie_prefix: str) -> tuple[str, ...]:
+    return (f"__Host-{cookie_prefix}-", f"{cookie_prefix}-", f"__host-{cookie_prefix}-")
+
+
 def is_gateway_cookie(name: str, cookie_prefix: str) -> bool:
-    return name.startswith(
-        (f"__Host-{cookie_prefix}-", f"{cookie_prefix}-", f"__host-{cookie_prefix}-")
-    )
+    return name.startswith(_gateway_cookie_prefixes(cookie_prefix))
 
 
 def filter_cookie_header(lines: Iterable[str], cookie_prefix: str) -> str | None:

@@ -118,6 +118,7 @@ class Upstream:
     inject_headers: Mapping[str, str] = field(repr=False)
     # (decoded name, encoded "name=value")
     inject_query: tuple[tuple[str, str], ...] = field(repr=False)
+    inject_names: frozenset[str]  # the decoded names of inject_query
     # Injected values as they could come back in a response header (raw and
     # percent-encoded); short ones are left out to avoid dropping innocent headers.
     secrets: tuple[str, ...] = field(repr=False, default=())
@@ -136,15 +137,14 @@ class Upstream:
         return cls(
             origin=str(url.origin()),
             base_path=url.raw_path,
-            timeout=aiohttp.ClientTimeout(
-                total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
-            ),
+            timeout=client_timeout(timeouts),
             ssl=context,
             inject_headers=dict(route.inject_headers),
             inject_query=tuple(
                 (name, f"{quote(name, safe='')}={quote(value, safe='')}")
                 for name, value in route.inject_query.items()
             ),
+            inject_names=frozenset(route.inject_query),
             secrets=tuple(
                 {
                     form
@@ -161,11 +161,10 @@ class Upstream:
         return URL(target, encoded=True)
 
     def _without_injected(self, raw_query: str) -> list[str]:
-        names = {name for name, _ in self.inject_query}
         return [
             pair
             for pair in raw_query.split("&")
-            if pair and unquote_plus(pair.split("=", 1)[0]) not in names
+            if pair and unquote_plus(pair.split("=", 1)[0]) not in self.inject_names
         ]
 
     def _query(self, raw_query: str) -> str:
@@ -194,6 +193,12 @@ class Upstream:
         for name, value in list(headers.items()):
             if any(secret in value for secret in self.secrets):
                 headers.popall(name, None)
+
+
+def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
+    return aiohttp.ClientTimeout(
+        total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
+    )
 
 
 def client_session(connections: int = 1024) -> aiohttp.ClientSession:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import multiprocessing
@@ -43,6 +44,7 @@ from gateway.listener import PublicServer
 from gateway.observability.health import Exposition, Health, ReadyCheck, admin_app
 from gateway.observability.logs import EVENTS, event, setup_logging
 from gateway.sessions.redis_store import connect as connect_redis
+from gateway.sessions.redis_store import ping as redis_ping
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _METRICS_DIR_PREFIX = "bff-metrics-"
@@ -96,8 +98,6 @@ def _server_ssl(config: Config) -> ssl.SSLContext | None:
 @dataclass
 class Listeners:
     gateway: Gateway
-    public: web.BaseRunner
-    admin: web.BaseRunner | None
     health: Health
 
 
@@ -144,7 +144,7 @@ async def gateway_listeners(
             raise StartupError(f"cannot listen on {listen}: {exc.strerror}") from None
         if with_admin and config.server.admin_listen is not None:
             admin = await start_admin(config.server.admin_listen, health, metrics.exposition)
-        yield Listeners(gateway, public, admin, health)
+        yield Listeners(gateway, health)
     finally:
         # Readiness turns 503 and the listening socket closes in the same
         # step (no await in between); the admin listener stays up meanwhile.
@@ -163,12 +163,7 @@ def _redis_checks(redis: Redis | None, config: Config) -> list[tuple[str, ReadyC
     store's own ping covers it) or only for cluster-wide refresh coordination."""
     if redis is None or config.session.store == "redis":
         return []
-    client = redis
-
-    async def ping() -> bool:
-        return bool(await client.ping())
-
-    return [("redis unreachable", ping)]
+    return [("redis unreachable", functools.partial(redis_ping, redis))]
 
 
 async def start_admin(listen: Listen, health: Health, exposition: Exposition) -> web.BaseRunner:
@@ -339,15 +334,10 @@ async def supervise(config: Config, workers: int) -> None:
     checks: list[tuple[str, ReadyCheck]] = [("workers not serving", pool.serving)]
     if redis is not None:
         # The supervisor has no session store of its own: it pings Redis itself.
-        client = redis
-
-        async def redis_ping() -> bool:
-            return bool(await client.ping())
-
         reason = (
             "session store unreachable" if config.session.store == "redis" else "redis unreachable"
         )
-        checks.append((reason, redis_ping))
+        checks.append((reason, functools.partial(redis_ping, redis)))
     health = Health(checks=checks)
     admin: web.BaseRunner | None = None
     failure: str | None = None

@@ -67,11 +67,11 @@ def _encode(tokens: Tokens | None) -> bytes:
     ).encode()
 
 
-def _decode(data: bytes) -> Tokens | None:
+def _decode(data: bytes) -> SharedTokens | None:
     value = json.loads(data)
     if value.get("rejected"):
         return None
-    return Tokens(value["access"], value["refresh"], value["exp"], value["claims"])
+    return SharedTokens(value["access"], value["refresh"], value["exp"], value["claims"])
 
 
 class ClusterRefresher:
@@ -129,9 +129,7 @@ class ClusterRefresher:
             raise RefreshRejected()
         if tokens.access_token == stale_access:
             return None  # a non-rotating provider's earlier answer: ask again
-        return SharedTokens(
-            tokens.access_token, tokens.refresh_token, tokens.expires_at, tokens.claims
-        )
+        return tokens
 
     async def _refresh_holding(
         self, refresh_token: str, stale_access: str, result_key: str, lock_key: str, owner: str

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
-from gateway.errors import GatewayError, json_response
+from gateway.errors import GatewayError, json_response, method_not_allowed
 from gateway.sessions.manager import SessionState
-from gateway.sessions.model import Session, Tokens
+from gateway.sessions.model import Session
 
 if TYPE_CHECKING:
     from gateway.app import Context, Gateway, ProviderRuntime
@@ -22,6 +22,10 @@ def _not_found() -> GatewayError:
     return GatewayError(404, "not_found", "no such auth endpoint")
 
 
+def _login_too_large() -> GatewayError:
+    return GatewayError(413, "payload_too_large", "the login body is over 64 KiB")
+
+
 class AuthEndpoints:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
@@ -31,7 +35,7 @@ class AuthEndpoints:
         method = request.method
         if path == "/auth/logout":
             self._allow(method, "POST")
-            return await self.logout_all(request, ctx)
+            return await self.logout(request, list(self.gateway.providers.values()), ctx)
         if len(parts) != 4 or parts[2] not in self.gateway.providers:
             raise _not_found()
         provider = self.gateway.providers[parts[2]]
@@ -51,12 +55,7 @@ class AuthEndpoints:
     @staticmethod
     def _allow(method: str, *allowed: str) -> None:
         if method not in allowed:
-            raise GatewayError(
-                405,
-                "method_not_allowed",
-                f"{method} is not allowed here",
-                {"Allow": ", ".join(allowed)},
-            )
+            raise method_not_allowed(method, allowed)
 
     def _csrf(self, request: web.BaseRequest) -> None:
         self.gateway.csrf.check(request.method, request.headers, self.gateway.own_origin(request))
@@ -76,7 +75,7 @@ class AuthEndpoints:
             raise GatewayError(400, "bad_request", "send the credentials as JSON or a form")
         length = request.content_length
         if length is not None and length > LOGIN_BODY_LIMIT:
-            raise GatewayError(413, "payload_too_large", "the login body is over 64 KiB")
+            raise _login_too_large()
         body = await _read_limited(request, LOGIN_BODY_LIMIT)
         ctx.bytes_in = len(body)
         try:
@@ -92,9 +91,7 @@ class AuthEndpoints:
             manager.read_cookies(request.headers), provider.name, time.time()
         )
         ctx.states.append(state)
-        if state.handle is not None:
-            await manager.store.delete(state.handle)
-            state.handle = None
+        await manager.forget(state)
         manager.replace(state, Session.start(provider.name, result.tokens, time.time()))
         self.gateway.metrics.logins.labels(provider.name, "success").inc()
         return await self._respond(json_response(result.body, 200), ctx)
@@ -106,19 +103,15 @@ class AuthEndpoints:
         manager = self.gateway.sessions
         assert manager is not None
         now = time.time()
+        cookies = manager.read_cookies(request.headers)
         for provider in providers:
-            state = await manager.load(manager.read_cookies(request.headers), provider.name, now)
+            state = await manager.load(cookies, provider.name, now)
             ctx.states.append(state)
             session = state.session
             await manager.clear(state)
             if session is not None:
-                await provider.login.logout(
-                    Tokens(session.access_token, session.refresh_token, None, {})
-                )
+                await provider.login.logout(session.access_token, session.refresh_token)
         return await self._respond(web.Response(status=204), ctx)
-
-    async def logout_all(self, request: web.BaseRequest, ctx: Context) -> web.Response:
-        return await self.logout(request, list(self.gateway.providers.values()), ctx)
 
     async def session(
         self, request: web.BaseRequest, provider: ProviderRuntime, ctx: Context
@@ -151,8 +144,7 @@ class AuthEndpoints:
                     "authenticated": True,
                     "provider": provider.name,
                     "expires_at": session.expires_at,
-                    "session_expires_at": session.created_at
-                    + self.gateway.config.session.absolute_timeout,
+                    "session_expires_at": manager.ends_at(session),
                     "claims": session.claims,
                 }
             ),
@@ -166,6 +158,6 @@ async def _read_limited(request: web.BaseRequest, limit: int) -> bytes:
     while chunk := await request.content.readany():
         size += len(chunk)
         if size > limit:
-            raise GatewayError(413, "payload_too_large", "the login body is over 64 KiB")
+            raise _login_too_large()
         chunks.append(chunk)
     return b"".join(chunks)

@@ -12,6 +12,7 @@ from gateway.auth.refresh import InvalidAnswer, RefreshRejected, RefreshUnavaila
 from gateway.auth.tokens import scrub, tokens_from_answer
 from gateway.config import PasswordProvider, Timeouts
 from gateway.errors import GatewayError
+from gateway.proxy import client_timeout
 from gateway.sessions.model import Tokens
 
 
@@ -20,10 +21,6 @@ class LoginResult:
     status: int
     body: Any  # the upstream JSON minus every token
     tokens: Tokens | None
-
-
-def invalid_response(what: str) -> GatewayError:
-    return GatewayError(502, "upstream_invalid_response", f"the {what} answer had no access token")
 
 
 class PasswordLogin:
@@ -39,9 +36,7 @@ class PasswordLogin:
         self.name = name
         self.config = config
         self._client = client
-        self._timeout = aiohttp.ClientTimeout(
-            total=timeouts.total, sock_connect=timeouts.connect, sock_read=timeouts.read
-        )
+        self._timeout = client_timeout(timeouts)
 
     @property
     def can_refresh(self) -> bool:
@@ -93,13 +88,15 @@ class PasswordLogin:
             raise GatewayError(
                 502, "upstream_invalid_response", "the login service gave no usable answer"
             )
-        if not 200 <= status < 300:
+        if status >= 400:
             if answer is None:
                 raise GatewayError(status, "login_failed", "login failed")
             return LoginResult(status, self._scrub(answer, None), None)
         tokens = self._tokens(answer) if answer is not None else None
         if tokens is None:
-            raise invalid_response("login")
+            raise GatewayError(
+                502, "upstream_invalid_response", "the login answer had no access token"
+            )
         return LoginResult(status, self._scrub(answer, tokens), tokens)
 
     async def refresh(self, refresh_token: str, stale_access: str = "") -> Tokens:
@@ -133,17 +130,17 @@ class PasswordLogin:
             raise InvalidAnswer()
         return tokens
 
-    async def logout(self, tokens: Tokens | None) -> None:
+    async def logout(self, access_token: str, refresh_token: str | None) -> None:
         """Best effort: tell the provider, never fail the browser's logout."""
-        if self.config.logout_url is None or tokens is None:
+        if self.config.logout_url is None:
             return
-        payload = {"refresh_token": tokens.refresh_token} if tokens.refresh_token else {}
+        payload = {"refresh_token": refresh_token} if refresh_token else {}
         try:
             async with self._client.post(
                 self.config.logout_url,
                 data=json.dumps(payload).encode(),
                 headers={
-                    "Authorization": f"Bearer {tokens.access_token}",
+                    "Authorization": f"Bearer {access_token}",
                     "Content-Type": "application/json",
                 },
                 timeout=self._timeout,

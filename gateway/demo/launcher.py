@@ -8,7 +8,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from gateway.config import ConfigError, load_config
+from gateway.config import Config, ConfigError, load_config
 from gateway.sessions.seal import new_key_text
 
 DEMO_API_HOST = "127.0.0.1"
@@ -27,11 +27,10 @@ def demo_key(directory: Path) -> str:
     return key
 
 
-async def _serve(config_path: str) -> None:
+async def _serve(config: Config) -> None:
     from gateway.demo.api import create_demo_api
     from gateway.server import check_port_free, serve_single
 
-    config = load_config(config_path)
     runner = web.AppRunner(create_demo_api(), access_log=None)
     await runner.setup()
     try:
@@ -68,7 +67,7 @@ def run_demo(config_path: str | None) -> int:
         return 2
     setup_logging(config.logging.level, config.logging.format, config.logging.access_log)
     try:
-        run_loop(_serve(str(path)))
+        run_loop(_serve(config))
     except StartupError as exc:
         print(f"bff-gateway demo: {exc}", file=sys.stderr)
         return 1

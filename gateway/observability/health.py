@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.errors import json_response
+from gateway.errors import GatewayError, error_response, json_response, method_not_allowed
 
 ReadyCheck = Callable[[], Awaitable[bool]]
 Exposition = Callable[[], bytes]
@@ -56,14 +56,13 @@ async def _json_errors(
         return await handler(request)
     except web.HTTPException as exc:
         if exc.status == 404:
-            return json_response({"error": "not_found", "message": "no such admin endpoint"}, 404)
+            return error_response(GatewayError(404, "not_found", "no such admin endpoint"))
         if exc.status == 405:
-            response = json_response(
-                {"error": "method_not_allowed", "message": f"{request.method} is not allowed"},
-                405,
+            return error_response(
+                method_not_allowed(
+                    request.method, ("GET", "HEAD"), f"{request.method} is not allowed"
+                )
             )
-            response.headers["Allow"] = "GET, HEAD"
-            return response
         raise
 
 

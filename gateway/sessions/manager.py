@@ -31,7 +31,6 @@ class Absent(enum.Enum):
 class SessionState:
     """One provider's session as this request sees it."""
 
-    provider: str
     cookie_name: str
     present: list[str]  # cookie names of this session the browser sent (all chunks)
     handle: bytes | None = field(
@@ -40,8 +39,7 @@ class SessionState:
     session: Session | None = None
     absent: Absent | None = None
     dirty: bool = False  # the cookie must be written on this response
-    cleared: bool = False
-    set_cookies: list[str] = field(default_factory=list, repr=False)
+    cleared: bool = False  # every chunk of the cookie must be expired on this response
 
 
 class SessionManager:
@@ -87,7 +85,7 @@ class SessionManager:
         """``cookies`` as returned by :meth:`read_cookies` (any mapping works)."""
         name = self.cookie_name(provider)
         present = cookie_names_for(name, cookies) if cookies else []
-        state = SessionState(provider, name, present)
+        state = SessionState(name, present)
         if not present:
             state.absent = Absent.NONE
             return state
@@ -101,7 +99,7 @@ class SessionManager:
             state.absent = Absent.INVALID
             return state
         state.handle = unsealed.plaintext
-        if now - session.created_at > self._absolute or now - session.last_seen > self._idle:
+        if now > self.ends_at(session) or now - session.last_seen > self._idle:
             state.absent = Absent.EXPIRED
             return state
         state.session = session
@@ -120,13 +118,13 @@ class SessionManager:
     async def commit(self, state: SessionState) -> list[str]:
         """Persist a changed session and return the Set-Cookie lines for this response."""
         if state.cleared:
-            return state.set_cookies
+            return [self._expire(n) for n in state.present or [state.cookie_name]]
         if state.session is None or not state.dirty:
             return []
         handle = await self.store.save(state.session, state.handle)
         state.handle = handle
         value = self._keyring.seal(handle, state.cookie_name)
-        max_age = max(0, int(state.session.created_at + self._absolute - state.session.last_seen))
+        max_age = max(0, int(self.ends_at(state.session) - state.session.last_seen))
         chunks = chunk_cookie(state.cookie_name, value)
         written = {chunk_name for chunk_name, _ in chunks}
         lines = [
@@ -140,12 +138,19 @@ class SessionManager:
 
     async def clear(self, state: SessionState) -> None:
         """End the session: delete it from the store and expire every cookie chunk."""
-        if state.handle is not None:
-            await self.store.delete(state.handle)
+        await self.forget(state)
         state.session = None
         state.cleared = True
-        names = state.present or [state.cookie_name]
-        state.set_cookies = [self._expire(n) for n in names]
+
+    async def forget(self, state: SessionState) -> None:
+        """Delete the stored session (a new login replaces it; its cookie is rewritten)."""
+        if state.handle is not None:
+            await self.store.delete(state.handle)
+            state.handle = None
+
+    def ends_at(self, session: Session) -> float:
+        """When the absolute timeout ends the session."""
+        return session.created_at + self._absolute
 
     def _expire(self, name: str) -> str:
         return f"{name}=; Max-Age=0; Expires={_EXPIRED_DATE}; {self._attributes}"

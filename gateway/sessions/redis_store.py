@@ -27,6 +27,14 @@ from gateway.sessions.stores import StoreUnavailable, new_session_id
 _SEAL_NAME = "bff-session"
 
 
+async def ping(client: aioredis.Redis) -> bool:
+    """Whether Redis answers (a readiness check: never raises for Redis's own errors)."""
+    try:
+        return bool(await client.ping())
+    except RedisError:
+        return False
+
+
 def connect(url: str) -> aioredis.Redis:
     # Short timeouts: a request waiting on a dead Redis should fail fast (503)
     # rather than hang; the client reconnects by itself when Redis returns.
@@ -85,10 +93,7 @@ class RedisStore:
             raise StoreUnavailable(type(exc).__name__) from None
 
     async def ping(self) -> bool:
-        try:
-            return bool(await self._redis.ping())
-        except RedisError:
-            return False
+        return await ping(self._redis)
 
     async def close(self) -> None:
         return None  # the Redis client belongs to whoever created it

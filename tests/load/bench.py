@@ -373,10 +373,17 @@ class Target:
     prepare: Callable[[], tuple[str, ...]] = lambda: ()
 
     def run(self, procs: Processes, seconds: float, warmup: float) -> Run:
+        return self.measure(procs, self.ready(procs, warmup), seconds)
+
+    def ready(self, procs: Processes, warmup: float) -> tuple[str, ...]:
+        """Check the answer, warm up; return the request headers to measure with."""
         headers = self.prepare()
         check_hello(self.url, dict(h.split(": ", 1) for h in headers))
         if warmup > 0:
             wrk(procs, self.url, server_cpu=self.server_cpu, headers=headers, seconds=warmup)
+        return headers
+
+    def measure(self, procs: Processes, headers: tuple[str, ...], seconds: float) -> Run:
         return parse_wrk(
             wrk(procs, self.url, server_cpu=self.server_cpu, headers=headers, seconds=seconds)
         )
@@ -466,14 +473,15 @@ def start_gateway(
     workers: int = 1,
     cpu: int | None = TARGET_CPU,
     budget: CpuBudget | None = None,
-) -> str:
-    """`python -m gateway run`; its stdout (the access log) goes to a file."""
+    name: str | None = None,
+) -> tuple[str, subprocess.Popen[bytes]]:
+    """`python -m gateway run`; its stdout (the access log) goes to a file.
+
+    Returns its public URL and its process (with workers, the supervisor)."""
     from gateway.sessions.seal import new_key_text
 
     data = gateway_config(upstream, access_log, workers)
-    name = ("gateway" if access_log else "gateway-nolog") + (f"-w{workers}" if workers > 1 else "")
-    if budget is not None:
-        name += "-budget"
+    name = name or ("gateway" if access_log else "gateway-nolog")
     path = procs.tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
     log = procs.tmp / f"{name}.log"
@@ -486,7 +494,7 @@ def start_gateway(
         budget=budget,
     )
     wait_http(f"http://{data['server']['admin_listen']}/readyz", proc, log)
-    return f"http://{data['server']['listen']}"
+    return f"http://{data['server']['listen']}", proc
 
 
 async def _login(gateway: str) -> str:
@@ -618,7 +626,8 @@ def start_targets(procs: Processes, upstream: str) -> list[Target | ClientLoop]:
             Target("d", "nginx proxy", url, TARGET_CPU, "1 worker, keepalive 32, access_log off")
         )
     for access_log in (True, False):
-        targets += gateway_targets(start_gateway(procs, upstream, access_log), access_log)
+        url, _ = start_gateway(procs, upstream, access_log)
+        targets += gateway_targets(url, access_log)
     return targets
 
 
@@ -710,10 +719,16 @@ def measure_workers(procs: Processes, upstream: str) -> list[ScalingRow]:
             budgets[workers] = CpuBudget.create(f"bff-bench-{os.getpid()}-w{workers}", workers)
         gateways: dict[int, tuple[str, int]] = {}
         for workers in (1, 2):
-            url = start_gateway(
-                procs, upstream, True, workers=workers, cpu=None, budget=budgets[workers]
+            url, proc = start_gateway(
+                procs,
+                upstream,
+                True,
+                workers=workers,
+                cpu=None,
+                budget=budgets[workers],
+                name=f"gateway-workers-{workers}",
             )
-            gateways[workers] = (url, procs.running[-1].pid)  # the supervisor just started
+            gateways[workers] = (url, proc.pid)
         phases: list[tuple[str, float | None]] = [("whole machine", None)]
         if all(budgets.values()):
             phases.append((f"{WORKER_CPUS:g} CPU per worker", WORKER_CPUS))
@@ -724,16 +739,16 @@ def measure_workers(procs: Processes, upstream: str) -> list[ScalingRow]:
                 budget = budgets[workers]
                 if budget is not None:
                     budget.limit(None if per_worker is None else per_worker * workers)
-                url = f"{gateway}/api/hello"
-                headers = session_headers(gateway)()
-                check_hello(url, dict(h.split(": ", 1) for h in headers))
-                wrk(procs, url, server_cpu=None, headers=headers, seconds=max(WARMUP, 1))
+                target = Target(
+                    f"w{workers}", "", f"{gateway}/api/hello", None, "", session_headers(gateway)
+                )
+                headers = target.ready(procs, max(WARMUP, 1))
                 measured = []
                 for _ in range(ROUNDS):
                     cpu_before, started = tree_cpu_seconds(pid), time.monotonic()
-                    out = wrk(procs, url, server_cpu=None, headers=headers, seconds=seconds)
+                    run = target.measure(procs, headers, seconds)
                     cores = (tree_cpu_seconds(pid) - cpu_before) / (time.monotonic() - started)
-                    measured.append((parse_wrk(out), cores))
+                    measured.append((run, cores))
                 best, cores = max(measured, key=lambda m: m[0].rps)
                 print(
                     f"  workers {workers}, {label}: {best.rps:,.0f} req/s, "
