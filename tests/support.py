@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -22,6 +24,7 @@ import yaml
 from aiohttp import web
 
 from gateway.config import Config, load_config_text
+from gateway.observability.logs import JsonFormatter
 from gateway.server import Listeners, gateway_listeners
 
 TEST_KEY = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"  # 32 zero bytes, base64url
@@ -123,6 +126,36 @@ async def raw_request(port: int, data: bytes, *, read_until_close: bool = True) 
 
 def error_of(body: bytes) -> str:
     return str(json.loads(body)["error"])
+
+
+@contextlib.contextmanager
+def handler_attached(
+    handler: logging.Handler, logger: str = "", level: int | None = None
+) -> Iterator[None]:
+    """Attach ``handler`` to the named logger (the root by default) and, given ``level``,
+    set that logger's level; both are undone on exit."""
+    target = logging.getLogger(logger)
+    previous = target.level
+    target.addHandler(handler)
+    if level is not None:
+        target.setLevel(level)
+    try:
+        yield
+    finally:
+        target.removeHandler(handler)
+        if level is not None:
+            target.setLevel(previous)
+
+
+@contextlib.contextmanager
+def captured_json_logs(logger: str = "", level: int | None = None) -> Iterator[io.StringIO]:
+    """What reaches the named logger (the root by default), formatted by the production
+    JsonFormatter, one line a record; ``level`` as for handler_attached."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    with handler_attached(handler, logger, level):
+        yield stream
 
 
 class GatewayProcess(_Addresses):

@@ -11,7 +11,7 @@ import pytest
 
 from gateway.demo.api import USERS
 from gateway.sessions.model import Session
-from tests.session_support import Env, demo_env, login, parse_set_cookie, seal
+from tests.session_support import Env, Reply, demo_env, login, parse_set_cookie, seal
 from tests.support import TEST_KEY, TEST_KEY_2
 
 # --------------------------------------------------------------------------- tools of this file
@@ -41,6 +41,19 @@ def k1_session(env: Env) -> str:
 
 def origin_of(env: Env) -> str:
     return env.gateway.url  # http://127.0.0.1:<port>, what the browser's Origin would be
+
+
+async def post_with_k1_cookie(env: Env, headers: dict[str, str]) -> Reply:
+    """POST a payload to /api/echo with a k1-sealed session cookie, ``headers`` and no
+    automatic X-CSRF header."""
+    return await env.browser.call(
+        "POST",
+        "/api/echo",
+        data=b"payload",
+        headers=headers,
+        cookies={"bff-demo": k1_session(env)},
+        csrf=False,
+    )
 
 
 FAILING: dict[str, Callable[[Env], dict[str, str]]] = {
@@ -77,15 +90,7 @@ PASSING: dict[str, Callable[[Env], dict[str, str]]] = {
 @pytest.mark.parametrize("case", list(FAILING))
 async def test_unsafe_request_failing_csrf_is_403_and_nothing_is_forwarded(case: str) -> None:
     async with demo_env(session=ROTATED) as env:
-        cookie = k1_session(env)
-        reply = await env.browser.call(
-            "POST",
-            "/api/echo",
-            data=b"payload",
-            headers=FAILING[case](env),
-            cookies={"bff-demo": cookie},
-            csrf=False,
-        )
+        reply = await post_with_k1_cookie(env, FAILING[case](env))
         assert reply.status == 403
         assert reply.error == "csrf_failed"
         assert env.hits == 0
@@ -124,15 +129,7 @@ async def test_csrf_is_checked_before_the_cookie_is_looked_at() -> None:
 @pytest.mark.parametrize("case", list(PASSING))
 async def test_acceptable_unsafe_requests_pass(case: str) -> None:
     async with demo_env(session=ROTATED) as env:
-        cookie = k1_session(env)
-        reply = await env.browser.call(
-            "POST",
-            "/api/echo",
-            data=b"payload",
-            headers=PASSING[case](env),
-            cookies={"bff-demo": cookie},
-            csrf=False,
-        )
+        reply = await post_with_k1_cookie(env, PASSING[case](env))
         assert reply.status == 200
         assert reply.json()["length"] == len(b"payload")
         assert env.hits == 1

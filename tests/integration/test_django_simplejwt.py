@@ -37,7 +37,7 @@ import aiohttp
 import pytest
 
 from gateway.observability.logs import JsonFormatter
-from tests.support import REPO, config_dict, free_port, running_gateway
+from tests.support import REPO, config_dict, free_port, handler_attached, running_gateway
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("django") is None,
@@ -147,16 +147,9 @@ class _Capture(logging.Handler):
 
 @contextlib.contextmanager
 def captured_logs() -> Iterator[_Capture]:
-    root = logging.getLogger()
     capture = _Capture()
-    level = root.level
-    root.addHandler(capture)
-    root.setLevel(logging.DEBUG)
-    try:
+    with handler_attached(capture, level=logging.DEBUG):
         yield capture
-    finally:
-        root.removeHandler(capture)
-        root.setLevel(level)
 
 
 # -- a browser that keeps its cookies by hand -------------------------------------

@@ -12,8 +12,8 @@ import io
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +22,10 @@ import pytest
 from aiohttp import web
 
 from gateway.demo.api import STATS_KEY, create_demo_api
-from gateway.observability.logs import JsonFormatter
 from tests.support import (
     TEST_KEY,
     GatewayProcess,
+    captured_json_logs,
     config_dict,
     free_port,
     running_app,
@@ -58,21 +58,9 @@ BODY = b"ok-body:" + b"z" * 992  # 1000 bytes
 # -- helpers -----------------------------------------------------------------
 
 
-@contextmanager
-def captured_logs() -> Iterator[io.StringIO]:
+def captured_logs() -> AbstractContextManager[io.StringIO]:
     """The gateway's loggers, formatted by the production JSON formatter."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter())
-    logger = logging.getLogger("bff")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
-        yield stream
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
+    return captured_json_logs("bff", logging.INFO)
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:

@@ -27,7 +27,14 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.observability.logs import JsonFormatter, TextFormatter
-from tests.support import config_dict, free_port, raw_request, running_app_with, running_gateway
+from tests.support import (
+    RunningGateway,
+    config_dict,
+    free_port,
+    raw_request,
+    running_app_with,
+    running_gateway,
+)
 
 SECRET = "s3cr3t-K3Y/with+odd=chars"
 SECRET_QUERY = "q-S3CR3T/v+a=l"
@@ -92,6 +99,26 @@ async def proxied(
             yield gateway.url, gateway.port, upstream
 
 
+@contextlib.asynccontextmanager
+async def fronted(app: web.Application, **route: Any) -> AsyncIterator[RunningGateway]:
+    """A gateway with route /api/ (plus ``route``'s settings) -> ``app`` served at its root."""
+    async with serve(app) as upstream:
+        routes = [{"path": "/api/", "upstream": upstream + "/", **route}]
+        async with running_gateway(config_dict(routes)) as gateway:
+            yield gateway
+
+
+async def raw_through_proxy(
+    request: bytes, route: dict[str, Any] | None = None, **sections: Any
+) -> tuple[bytes, Recorder, str]:
+    """Send raw request bytes through ``proxied`` (a fresh Recorder) and read until close;
+    return (the raw response, the recorder, the upstream's URL)."""
+    recorder = Recorder()
+    async with proxied(recorder, route, **sections) as (_url, port, upstream):
+        data = await raw_request(port, request)
+    return data, recorder, upstream
+
+
 def client() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(auto_decompress=False)
 
@@ -129,11 +156,9 @@ def assert_json_error(status: int, body: bytes, expected_status: int, code: str)
     ],
 )
 async def test_raw_path_and_query_reach_the_upstream_unchanged(target: str) -> None:
-    recorder = Recorder()
-    async with proxied(recorder) as (_url, port, _up):
-        data = await raw_request(
-            port, f"GET /api{target} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode()
-        )
+    data, recorder, _up = await raw_through_proxy(
+        f"GET /api{target} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n".encode()
+    )
     status, _, body = split_response(data)
     assert status == 200
     assert recorder.paths() == [f"/base{target}"]
@@ -192,15 +217,13 @@ async def test_method_not_in_allow_list_is_405_json_with_allow() -> None:
 
 
 async def test_connection_header_cannot_strip_an_injected_header() -> None:
-    recorder = Recorder()
     route = {"inject_headers": {"X-Api-Key": SECRET}}
-    async with proxied(recorder, route) as (_url, port, _up):
-        data = await raw_request(
-            port,
-            b"GET /api/x HTTP/1.1\r\nHost: gw\r\n"
-            b"Connection: close, X-Api-Key\r\n"
-            b"X-Api-Key: from-the-client\r\nx-api-key: again\r\n\r\n",
-        )
+    data, recorder, _up = await raw_through_proxy(
+        b"GET /api/x HTTP/1.1\r\nHost: gw\r\n"
+        b"Connection: close, X-Api-Key\r\n"
+        b"X-Api-Key: from-the-client\r\nx-api-key: again\r\n\r\n",
+        route,
+    )
     assert split_response(data)[0] == 200
     (hit,) = recorder.hits
     assert hit.headers.getall("X-Api-Key") == [SECRET]
@@ -221,14 +244,12 @@ async def test_client_api_key_is_replaced_by_the_injected_one() -> None:
 
 
 async def test_inject_query_replaces_the_clients_param_and_keeps_the_rest() -> None:
-    recorder = Recorder()
     route = {"inject_query": {"appid": SECRET_QUERY}}
-    async with proxied(recorder, route) as (_url, port, _up):
-        data = await raw_request(
-            port,
-            b"GET /api/w?appid=client&q=%2F%20x&q=2&sp=a+b&appid=twice&flag&%61ppid=enc&z=%C3%A9"
-            b" HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
-        )
+    data, recorder, _up = await raw_through_proxy(
+        b"GET /api/w?appid=client&q=%2F%20x&q=2&sp=a+b&appid=twice&flag&%61ppid=enc&z=%C3%A9"
+        b" HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        route,
+    )
     assert split_response(data)[0] == 200
     (hit,) = recorder.hits
     path, _, query = hit.raw_path.partition("?")
@@ -297,17 +318,14 @@ async def test_injected_secrets_reach_no_response_and_no_log_line(
 
 
 async def test_hop_by_hop_request_headers_are_removed() -> None:
-    recorder = Recorder()
-    async with proxied(recorder) as (_url, port, _up):
-        data = await raw_request(
-            port,
-            b"GET /api/x HTTP/1.1\r\nHost: gw\r\n"
-            b"Connection: close, X-Named-Hop, x-other-hop\r\n"
-            b"Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n"
-            b"Trailer: X-Checksum\r\nUpgrade: h2c\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\n"
-            b"Proxy-Authenticate: Basic\r\nX-Named-Hop: 1\r\nX-Other-Hop: 2\r\n"
-            b"X-CSRF: token\r\nX-End-To-End: kept\r\n\r\n",
-        )
+    data, recorder, _up = await raw_through_proxy(
+        b"GET /api/x HTTP/1.1\r\nHost: gw\r\n"
+        b"Connection: close, X-Named-Hop, x-other-hop\r\n"
+        b"Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nTE: trailers\r\n"
+        b"Trailer: X-Checksum\r\nUpgrade: h2c\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\n"
+        b"Proxy-Authenticate: Basic\r\nX-Named-Hop: 1\r\nX-Other-Hop: 2\r\n"
+        b"X-CSRF: token\r\nX-End-To-End: kept\r\n\r\n",
+    )
     assert split_response(data)[0] == 200
     (hit,) = recorder.hits
     for name in (
@@ -361,15 +379,12 @@ async def test_hop_by_hop_response_headers_are_removed() -> None:
 
 
 async def test_host_and_forwarded_headers_from_an_untrusted_client() -> None:
-    recorder = Recorder()
-    async with proxied(recorder) as (_url, port, upstream):
-        data = await raw_request(
-            port,
-            b"GET /api/x HTTP/1.1\r\nHost: app.example:8443\r\n"
-            b"X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\n"
-            b"X-Forwarded-Host: evil.example\r\nForwarded: for=6.6.6.6\r\n"
-            b"Connection: close\r\n\r\n",
-        )
+    data, recorder, upstream = await raw_through_proxy(
+        b"GET /api/x HTTP/1.1\r\nHost: app.example:8443\r\n"
+        b"X-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\n"
+        b"X-Forwarded-Host: evil.example\r\nForwarded: for=6.6.6.6\r\n"
+        b"Connection: close\r\n\r\n",
+    )
     assert split_response(data)[0] == 200
     (hit,) = recorder.hits
     assert hit.headers.getall("Host") == [URL(upstream).raw_authority]
@@ -380,15 +395,13 @@ async def test_host_and_forwarded_headers_from_an_untrusted_client() -> None:
 
 
 async def test_forwarded_chain_is_kept_from_a_trusted_proxy() -> None:
-    recorder = Recorder()
     server = {"trusted_proxies": ["127.0.0.0/8"]}
-    async with proxied(recorder, server=server) as (_url, port, _up):
-        data = await raw_request(
-            port,
-            b"GET /api/x HTTP/1.1\r\nHost: internal:8080\r\n"
-            b"X-Forwarded-For: 203.0.113.7, 10.0.0.1\r\nX-Forwarded-Proto: https\r\n"
-            b"X-Forwarded-Host: app.example\r\nConnection: close\r\n\r\n",
-        )
+    data, recorder, _up = await raw_through_proxy(
+        b"GET /api/x HTTP/1.1\r\nHost: internal:8080\r\n"
+        b"X-Forwarded-For: 203.0.113.7, 10.0.0.1\r\nX-Forwarded-Proto: https\r\n"
+        b"X-Forwarded-Host: app.example\r\nConnection: close\r\n\r\n",
+        server=server,
+    )
     assert split_response(data)[0] == 200
     (hit,) = recorder.hits
     assert hit.headers.getall("X-Forwarded-For") == ["203.0.113.7, 10.0.0.1, 127.0.0.1"]
@@ -420,26 +433,21 @@ async def test_request_id_is_passed_on_or_created_and_returned_on_errors() -> No
 
 
 async def test_cookies_are_not_forwarded_by_default() -> None:
-    recorder = Recorder()
-    async with proxied(recorder) as (_url, port, _up):
-        await raw_request(
-            port,
-            b"GET /api/x HTTP/1.1\r\nHost: gw\r\nCookie: theme=dark; bff-demo=sealed\r\n"
-            b"Cookie: lang=en\r\nConnection: close\r\n\r\n",
-        )
+    _data, recorder, _up = await raw_through_proxy(
+        b"GET /api/x HTTP/1.1\r\nHost: gw\r\nCookie: theme=dark; bff-demo=sealed\r\n"
+        b"Cookie: lang=en\r\nConnection: close\r\n\r\n"
+    )
     (hit,) = recorder.hits
     assert "Cookie" not in hit.headers
 
 
 async def test_forward_cookies_passes_all_but_the_gateways_own() -> None:
-    recorder = Recorder()
-    async with proxied(recorder, {"forward_cookies": True}) as (_url, port, _up):
-        await raw_request(
-            port,
-            b"GET /api/x HTTP/1.1\r\nHost: gw\r\n"
-            b"Cookie: theme=dark; bff-demo=sealed1; __Host-bff-other=sealed2; bff-demo-1=c1\r\n"
-            b"Cookie: lang=en; bffish=keep\r\nConnection: close\r\n\r\n",
-        )
+    _data, recorder, _up = await raw_through_proxy(
+        b"GET /api/x HTTP/1.1\r\nHost: gw\r\n"
+        b"Cookie: theme=dark; bff-demo=sealed1; __Host-bff-other=sealed2; bff-demo-1=c1\r\n"
+        b"Cookie: lang=en; bffish=keep\r\nConnection: close\r\n\r\n",
+        {"forward_cookies": True},
+    )
     (hit,) = recorder.hits
     cookie_lines = hit.headers.getall("Cookie")
     assert len(cookie_lines) == 1
@@ -482,14 +490,12 @@ async def test_gzip_bodies_pass_byte_exact_both_ways() -> None:
 
 
 async def test_upload_with_content_length_keeps_it() -> None:
-    recorder = Recorder()
     body = bytes(range(256)) * 4096  # 1 MiB
-    async with proxied(recorder) as (_url, port, _up):
-        head = (
-            f"PUT /api/upload HTTP/1.1\r\nHost: gw\r\nContent-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n"
-        ).encode()
-        data = await raw_request(port, head + body)
+    head = (
+        f"PUT /api/upload HTTP/1.1\r\nHost: gw\r\nContent-Length: {len(body)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    data, recorder, _up = await raw_through_proxy(head + body)
     assert split_response(data)[0] == 200
     (hit,) = recorder.hits
     assert hit.headers["Content-Length"] == str(len(body))
@@ -522,15 +528,13 @@ async def test_chunked_upload_is_streamed_chunked() -> None:
         for part in parts[1:]:
             yield part
 
-    async with serve(app) as upstream:
-        routes = [{"path": "/api/", "upstream": upstream + "/"}]
-        async with (
-            running_gateway(config_dict(routes)) as gateway,
-            client() as http,
-            http.post(gateway.url + "/api/up", data=body()) as response,
-        ):
-            assert response.status == 200
-            answer = await response.json()
+    async with (
+        fronted(app) as gateway,
+        client() as http,
+        http.post(gateway.url + "/api/up", data=body()) as response,
+    ):
+        assert response.status == 200
+        answer = await response.json()
     whole = b"".join(parts)
     assert answer["sha256"] == hashlib.sha256(whole).hexdigest()
     assert b"".join(received) == whole
@@ -554,17 +558,15 @@ async def test_download_is_streamed_as_it_arrives() -> None:
 
     app = web.Application()
     app.router.add_get("/dl", download)
-    async with serve(app) as upstream:
-        routes = [{"path": "/api/", "upstream": upstream + "/"}]
-        async with (
-            running_gateway(config_dict(routes)) as gateway,
-            client() as http,
-            http.get(gateway.url + "/api/dl") as response,
-        ):
-            assert response.status == 200
-            head = await asyncio.wait_for(response.content.readexactly(len(block)), 10)
-            release.set()
-            rest = await response.read()
+    async with (
+        fronted(app) as gateway,
+        client() as http,
+        http.get(gateway.url + "/api/dl") as response,
+    ):
+        assert response.status == 200
+        head = await asyncio.wait_for(response.content.readexactly(len(block)), 10)
+        release.set()
+        rest = await response.read()
     assert head == block
     assert head + rest == block * 4
 
@@ -586,16 +588,14 @@ async def test_client_going_away_mid_download_cancels_the_upstream_call() -> Non
 
     app = web.Application()
     app.router.add_get("/endless", endless)
-    async with serve(app) as upstream:
-        routes = [{"path": "/api/", "upstream": upstream + "/"}]
-        async with running_gateway(config_dict(routes)) as gateway:
-            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-            writer.write(b"GET /api/endless HTTP/1.1\r\nHost: gw\r\n\r\n")
-            await writer.drain()
-            await asyncio.wait_for(reader.readexactly(200_000), 10)
-            writer.transport.abort()
-            await asyncio.wait_for(upstream_cut.wait(), 10)
-            metrics = gateway.listeners.gateway.metrics.registry
+    async with fronted(app) as gateway:
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(b"GET /api/endless HTTP/1.1\r\nHost: gw\r\n\r\n")
+        await writer.drain()
+        await asyncio.wait_for(reader.readexactly(200_000), 10)
+        writer.transport.abort()
+        await asyncio.wait_for(upstream_cut.wait(), 10)
+        metrics = gateway.listeners.gateway.metrics.registry
     assert started.is_set()
     # A browser that leaves is not an upstream failure.
     for kind in ("reset", "protocol", "timeout", "connect"):
@@ -622,20 +622,18 @@ async def test_sse_first_event_arrives_before_the_stream_ends() -> None:
 
     app = web.Application()
     app.router.add_get("/events", events)
-    async with serve(app) as upstream:
-        routes = [{"path": "/api/", "upstream": upstream + "/"}]
-        async with (
-            running_gateway(config_dict(routes)) as gateway,
-            client() as http,
-            http.get(gateway.url + "/api/events") as response,
-        ):
-            assert response.headers["Content-Type"] == "text/event-stream"
-            first = b""
-            while not first.endswith(b"\n\n"):
-                first += await asyncio.wait_for(response.content.readline(), 10)
-            assert not upstream_finished.is_set()
-            release.set()
-            rest = await response.read()
+    async with (
+        fronted(app) as gateway,
+        client() as http,
+        http.get(gateway.url + "/api/events") as response,
+    ):
+        assert response.headers["Content-Type"] == "text/event-stream"
+        first = b""
+        while not first.endswith(b"\n\n"):
+            first += await asyncio.wait_for(response.content.readline(), 10)
+        assert not upstream_finished.is_set()
+        release.set()
+        rest = await response.read()
     assert first == b"id: 1\ndata: first\n\n"
     assert rest == b"id: 2\ndata: second\n\n"
 
@@ -713,14 +711,12 @@ async def test_silent_upstream_past_route_read_timeout_is_504_json() -> None:
     app = web.Application()
     app.router.add_get("/slow", silent)
     try:
-        async with serve(app) as upstream:
-            routes = [{"path": "/api/", "upstream": upstream + "/", "timeouts": {"read": 0.5}}]
-            async with running_gateway(config_dict(routes)) as gateway, client() as http:
-                async with http.get(gateway.url + "/api/slow") as response:
-                    body = await response.read()
-                    assert_json_error(response.status, body, 504, "upstream_timeout")
-                assert called.is_set()
-                never.set()
+        async with fronted(app, timeouts={"read": 0.5}) as gateway, client() as http:
+            async with http.get(gateway.url + "/api/slow") as response:
+                body = await response.read()
+                assert_json_error(response.status, body, 504, "upstream_timeout")
+            assert called.is_set()
+            never.set()
     finally:
         never.set()
 
@@ -739,14 +735,12 @@ async def test_silent_upstream_mid_body_cuts_the_client_off() -> None:
     app = web.Application()
     app.router.add_get("/stall", stall)
     try:
-        async with serve(app) as upstream:
-            routes = [{"path": "/api/", "upstream": upstream + "/", "timeouts": {"read": 0.5}}]
-            async with running_gateway(config_dict(routes)) as gateway, client() as http:
-                async with http.get(gateway.url + "/api/stall") as response:
-                    assert response.status == 200
-                    with pytest.raises(aiohttp.ClientPayloadError):
-                        await asyncio.wait_for(response.read(), 10)
-                never.set()
+        async with fronted(app, timeouts={"read": 0.5}) as gateway, client() as http:
+            async with http.get(gateway.url + "/api/stall") as response:
+                assert response.status == 200
+                with pytest.raises(aiohttp.ClientPayloadError):
+                    await asyncio.wait_for(response.read(), 10)
+            never.set()
     finally:
         never.set()
 

@@ -16,6 +16,7 @@ from gateway.demo.api import USERS, decode_jwt
 from gateway.sessions.model import Session
 from tests.session_support import (
     Env,
+    Reply,
     cookie_attrs_without_expiry,
     demo_env,
     demo_provider,
@@ -30,6 +31,22 @@ from tests.session_support import (
 from tests.support import free_port, running_app
 
 # --------------------------------------------------------------------------- login
+
+
+async def login_at(
+    login_url: str,
+    *,
+    user: str = "demo",
+    provider: dict[str, Any] | None = None,
+    server: dict[str, Any] | None = None,
+) -> Reply:
+    """One login as ``user`` (password: the same) through a gateway whose provider logs in
+    at ``login_url``; the gateway is stopped again before this returns."""
+    provider = {"login_url": login_url, **(provider or {})}
+    async with demo_env(provider=provider, server=server) as env:
+        return await env.browser.call(
+            "POST", "/auth/demo/login", json_body={"username": user, "password": user}
+        )
 
 
 @pytest.mark.parametrize(
@@ -94,14 +111,10 @@ async def test_login_error_bodies_are_scrubbed() -> None:
         "detail": {"id_token": "idt-CCCCCCCCCCCCCCCCCCCCCCCC", "access_token": "x" * 20},
     }
     async with serve_json(423, payload) as upstream:
-        provider = {"login_url": f"{upstream}/login"}
-        async with demo_env(provider=provider) as env:
-            reply = await env.browser.call(
-                "POST", "/auth/demo/login", json_body={"username": "demo", "password": "demo"}
-            )
-            assert reply.status == 423
-            assert reply.json() == {"error": "locked", "detail": {}}
-            assert reply.set_cookies == []
+        reply = await login_at(f"{upstream}/login")
+    assert reply.status == 423
+    assert reply.json() == {"error": "locked", "detail": {}}
+    assert reply.set_cookies == []
 
 
 async def test_login_success_scrubs_every_string_equal_to_or_holding_a_token() -> None:
@@ -115,24 +128,17 @@ async def test_login_success_scrubs_every_string_equal_to_or_holding_a_token() -
         "links": [f"https://x.example/cb?t={refresh}", "https://x.example/help"],
     }
     async with serve_json(200, payload) as upstream:
-        provider = {
-            "login_url": f"{upstream}/login",
-            "access_token_field": "data.access",
-            "refresh_token_field": "data.refresh",
-        }
-        async with demo_env(provider=provider) as env:
-            reply = await env.browser.call(
-                "POST", "/auth/demo/login", json_body={"username": "demo", "password": "demo"}
-            )
-            assert reply.status == 200
-            assert not leaked([access, refresh, id_token], reply.body)
-            assert reply.json() == {
-                "data": {},
-                "profile": {"name": "Zoe"},
-                "links": ["https://x.example/help"],
-            }
-            [line] = reply.set_cookies
-            assert unseal(parse_set_cookie(line)[1]).access_token == access
+        provider = {"access_token_field": "data.access", "refresh_token_field": "data.refresh"}
+        reply = await login_at(f"{upstream}/login", provider=provider)
+    assert reply.status == 200
+    assert not leaked([access, refresh, id_token], reply.body)
+    assert reply.json() == {
+        "data": {},
+        "profile": {"name": "Zoe"},
+        "links": ["https://x.example/help"],
+    }
+    [line] = reply.set_cookies
+    assert unseal(parse_set_cookie(line)[1]).access_token == access
 
 
 @pytest.mark.parametrize(
@@ -142,14 +148,10 @@ async def test_login_success_scrubs_every_string_equal_to_or_holding_a_token() -
 )
 async def test_a_2xx_login_answer_without_a_token_is_502(payload: Any) -> None:
     async with serve_json(200, payload) as upstream:
-        env_cm = demo_env(provider={"login_url": f"{upstream}/login"})
-        async with env_cm as env:
-            reply = await env.browser.call(
-                "POST", "/auth/demo/login", json_body={"username": "demo", "password": "demo"}
-            )
-            assert reply.status == 502
-            assert reply.error == "upstream_invalid_response"
-            assert reply.set_cookies == []
+        reply = await login_at(f"{upstream}/login")
+    assert reply.status == 502
+    assert reply.error == "upstream_invalid_response"
+    assert reply.set_cookies == []
 
 
 async def test_a_login_redirect_is_not_relayed() -> None:
@@ -159,15 +161,11 @@ async def test_a_login_redirect_is_not_relayed() -> None:
     app = web.Application()
     app.router.add_post("/login", redirect)
     async with running_app(app) as upstream:
-        env_cm = demo_env(provider={"login_url": f"{upstream}/login"})
-        async with env_cm as env:
-            reply = await env.browser.call(
-                "POST", "/auth/demo/login", json_body={"username": "demo", "password": "demo"}
-            )
-            assert reply.status == 502
-            assert reply.error == "upstream_invalid_response"
-            assert "Location" not in reply.headers
-            assert reply.set_cookies == []
+        reply = await login_at(f"{upstream}/login")
+    assert reply.status == 502
+    assert reply.error == "upstream_invalid_response"
+    assert "Location" not in reply.headers
+    assert reply.set_cookies == []
 
 
 async def test_an_unreachable_or_slow_login_service() -> None:
@@ -181,26 +179,18 @@ async def test_an_unreachable_or_slow_login_service() -> None:
     app.router.add_post("/login", slow)
     async with running_app(app) as upstream:
         try:
-            env_cm = demo_env(
-                provider={"login_url": f"{upstream}/login"},
-                server={"timeouts": {"read": 0.3}},
+            reply = await login_at(
+                f"{upstream}/login", user="d", server={"timeouts": {"read": 0.3}}
             )
-            async with env_cm as env:
-                reply = await env.browser.call(
-                    "POST", "/auth/demo/login", json_body={"username": "d", "password": "d"}
-                )
-                assert reply.status == 504
-                assert reply.error == "upstream_timeout"
-                assert reply.set_cookies == []
+            assert reply.status == 504
+            assert reply.error == "upstream_timeout"
+            assert reply.set_cookies == []
         finally:
             hang.set()
     refused = f"http://127.0.0.1:{free_port()}/login"
-    async with demo_env(provider={"login_url": refused}) as env:
-        reply = await env.browser.call(
-            "POST", "/auth/demo/login", json_body={"username": "d", "password": "d"}
-        )
-        assert reply.status == 502
-        assert reply.error == "upstream_unavailable"
+    reply = await login_at(refused, user="d")
+    assert reply.status == 502
+    assert reply.error == "upstream_unavailable"
 
 
 @pytest.mark.parametrize(

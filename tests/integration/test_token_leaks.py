@@ -18,8 +18,9 @@ from typing import Any
 
 import aiohttp
 
-from gateway.observability.logs import ACCESS, JsonFormatter
+from gateway.observability.logs import ACCESS
 from tests.session_support import Browser, Reply, demo_env, demo_provider, parse_set_cookie
+from tests.support import captured_json_logs
 
 # --------------------------------------------------------------------------- tools of this file
 
@@ -42,20 +43,12 @@ class RecordingBrowser(Browser):
 @contextlib.contextmanager
 def captured_logs() -> Iterator[io.StringIO]:
     """Every record of every logger, formatted by the gateway's JsonFormatter."""
-    out = io.StringIO()
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(JsonFormatter())
-    handler.setLevel(logging.DEBUG)
-    root = logging.getLogger()
-    level, access_disabled = root.level, ACCESS.disabled
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG)
+    access_disabled = ACCESS.disabled
     ACCESS.disabled = False
     try:
-        yield out
+        with captured_json_logs(level=logging.DEBUG) as out:
+            yield out
     finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
         ACCESS.disabled = access_disabled
 
 

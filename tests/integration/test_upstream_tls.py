@@ -9,6 +9,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -51,6 +52,16 @@ def upstream_app() -> web.Application:
     return app
 
 
+async def get_through_gateway(routes: list[dict[str, Any]], path: str) -> tuple[int, Any]:
+    """Run a gateway with ``routes``, GET ``path`` on it; return (status, JSON body)."""
+    async with (
+        running_gateway(config_dict(routes)) as gateway,
+        aiohttp.ClientSession() as http,
+        http.get(gateway.url + path) as response,
+    ):
+        return response.status, await response.json()
+
+
 @pytest.fixture
 async def https_upstream(ca: trustme.CA) -> AsyncIterator[str]:
     async with running_app(upstream_app(), ssl_context=server_context(ca)) as url:
@@ -62,17 +73,9 @@ async def test_https_upstream_verified_with_the_routes_ca_file(
     https_upstream: str, ca_file: Path
 ) -> None:
     routes = [{"path": "/api/", "upstream": https_upstream + "/", "tls": {"ca_file": str(ca_file)}}]
-    async with (
-        running_gateway(config_dict(routes)) as gateway,
-        aiohttp.ClientSession() as http,
-        http.get(gateway.url + "/api/a%2Fb?x=1") as response,
-    ):
-        assert response.status == 200
-        assert await response.json() == {
-            "scheme": "https",
-            "path": "/a%2Fb?x=1",
-            "proto": "http",
-        }
+    status, payload = await get_through_gateway(routes, "/api/a%2Fb?x=1")
+    assert status == 200
+    assert payload == {"scheme": "https", "path": "/a%2Fb?x=1", "proto": "http"}
 
 
 async def test_https_upstream_without_ca_file_is_not_trusted(https_upstream: str) -> None:
@@ -95,13 +98,9 @@ async def test_https_upstream_signed_by_another_ca_is_not_trusted(
     other = tmp_path / "other-ca.pem"
     trustme.CA().cert_pem.write_to_path(str(other))
     routes = [{"path": "/api/", "upstream": https_upstream + "/", "tls": {"ca_file": str(other)}}]
-    async with (
-        running_gateway(config_dict(routes)) as gateway,
-        aiohttp.ClientSession() as http,
-        http.get(gateway.url + "/api/x") as response,
-    ):
-        assert response.status == 502
-        assert (await response.json())["error"] == "upstream_unavailable"
+    status, payload = await get_through_gateway(routes, "/api/x")
+    assert status == 502
+    assert payload["error"] == "upstream_unavailable"
 
 
 async def test_certificate_for_another_host_is_not_trusted(ca: trustme.CA, ca_file: Path) -> None:
@@ -109,13 +108,9 @@ async def test_certificate_for_another_host_is_not_trusted(ca: trustme.CA, ca_fi
     ca.issue_cert("api.example.com").configure_cert(context)
     async with running_app(upstream_app(), ssl_context=context) as upstream:
         routes = [{"path": "/api/", "upstream": upstream + "/", "tls": {"ca_file": str(ca_file)}}]
-        async with (
-            running_gateway(config_dict(routes)) as gateway,
-            aiohttp.ClientSession() as http,
-            http.get(gateway.url + "/api/x") as r,
-        ):
-            assert r.status == 502
-            assert (await r.json())["error"] == "upstream_unavailable"
+        status, payload = await get_through_gateway(routes, "/api/x")
+    assert status == 502
+    assert payload["error"] == "upstream_unavailable"
 
 
 async def test_gateway_serves_https_with_server_tls(

@@ -203,6 +203,27 @@ async def fetch(client: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
         return answer.status, await answer.read()
 
 
+async def hold_slow_and_stream(
+    client: aiohttp.ClientSession, url: str, upstream: Upstream
+) -> tuple[asyncio.Task[tuple[int, bytes]], asyncio.Task[tuple[int, bytes]]]:
+    """Start GET /api/slow and GET /api/stream on the gateway at ``url``; return their tasks
+    once the upstream holds both and the client has read the stream's first chunk."""
+    slow = asyncio.create_task(fetch(client, url + "/api/slow"))
+    first_chunk = asyncio.Event()
+
+    async def read_stream() -> tuple[int, bytes]:
+        async with client.get(url + "/api/stream") as answer:
+            head = await answer.content.readexactly(len(CHUNK))
+            first_chunk.set()
+            return answer.status, head + await answer.read()
+
+    stream = asyncio.create_task(read_stream())
+    await reached(upstream.slow.arrived, slow, stream)
+    await reached(upstream.stream.arrived, slow, stream)
+    await reached(first_chunk, slow, stream)
+    return slow, stream
+
+
 # -- drain -------------------------------------------------------------------
 
 
@@ -214,19 +235,7 @@ async def test_sigterm_lets_in_flight_requests_finish(tmp_path: Path, workers: i
     ):
         assert gateway.proc is not None
         async with aiohttp.ClientSession(timeout=TIMEOUT) as client:
-            slow = asyncio.create_task(fetch(client, gateway.url + "/api/slow"))
-            first_chunk = asyncio.Event()
-
-            async def read_stream() -> tuple[int, bytes]:
-                async with client.get(gateway.url + "/api/stream") as answer:
-                    head = await answer.content.readexactly(len(CHUNK))
-                    first_chunk.set()
-                    return answer.status, head + await answer.read()
-
-            stream = asyncio.create_task(read_stream())
-            await reached(upstream.slow.arrived, slow, stream)
-            await reached(upstream.stream.arrived, slow, stream)
-            await reached(first_chunk, slow, stream)
+            slow, stream = await hold_slow_and_stream(client, gateway.url, upstream)
 
             gateway.proc.send_signal(signal.SIGTERM)
             readyz = gateway.admin_url + "/readyz"
@@ -264,18 +273,7 @@ async def test_shutdown_timeout_cuts_requests_held_longer(tmp_path: Path, worker
     ):
         assert gateway.proc is not None
         async with aiohttp.ClientSession(timeout=TIMEOUT) as client:
-            slow = asyncio.create_task(fetch(client, gateway.url + "/api/slow"))
-            first_chunk = asyncio.Event()
-
-            async def read_stream() -> bytes:
-                async with client.get(gateway.url + "/api/stream") as answer:
-                    await answer.content.readexactly(len(CHUNK))
-                    first_chunk.set()
-                    return await answer.read()
-
-            stream = asyncio.create_task(read_stream())
-            await reached(upstream.slow.arrived, slow, stream)
-            await reached(first_chunk, slow, stream)
+            slow, stream = await hold_slow_and_stream(client, gateway.url, upstream)
             started = time.monotonic()
             gateway.proc.send_signal(signal.SIGTERM)
             # The upstream never answers in time: the drain must not wait for it.

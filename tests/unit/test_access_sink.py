@@ -19,6 +19,7 @@ import pytest
 
 from gateway.observability import logs
 from gateway.observability.logs import ACCESS, AccessRecord, event, log_access, setup_logging
+from tests.support import captured_json_logs
 
 
 class RecordingStream(io.StringIO):
@@ -115,15 +116,8 @@ def test_without_a_running_loop_each_line_is_written_at_once(stream: RecordingSt
 
 async def test_a_handler_added_later_gets_the_record_instead(stream: RecordingStream) -> None:
     without_pytest_capture()
-    captured = io.StringIO()
-    handler = logging.StreamHandler(captured)
-    handler.setFormatter(logs.JsonFormatter())
-    parent = logging.getLogger("bff")
-    parent.addHandler(handler)
-    try:
+    with captured_json_logs("bff") as captured:
         log_access(record(3))
-    finally:
-        parent.removeHandler(handler)
     assert [e["request_id"] for e in lines_of(captured.getvalue())] == ["req-3"]
 
 
