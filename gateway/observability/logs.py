@@ -186,7 +186,8 @@ class _AccessSink:
         self.flush_loop: asyncio.AbstractEventLoop | None = None
 
     def write(self, access: AccessRecord) -> bool:
-        if logging.root.handlers != [self.handler]:
+        handlers = logging.root.handlers
+        if len(handlers) != 1 or handlers[0] is not self.handler:
             return False  # someone reconfigured logging: take the ordinary path
         line = self.format(access, time.time(), self.pid)
         try:
