@@ -31,7 +31,14 @@ from gateway.auth.refresh import (
 )
 from gateway.config import Config, PasswordProvider, Route
 from gateway.errors import GatewayError, error_response, method_not_allowed
-from gateway.headers import ForwardedFor, request_id, response_headers, upstream_request_headers
+from gateway.headers import (
+    ForwardedFor,
+    connection_named,
+    from_trusted_proxy,
+    request_id,
+    response_headers,
+    upstream_request_headers,
+)
 from gateway.observability.logs import ACCESS, EVENTS, AccessRecord, log_access
 from gateway.observability.metrics import Metrics
 from gateway.proxy import (
@@ -296,9 +303,12 @@ class Gateway:
 
         state: SessionState | None = None
         provider = target.provider
+        forwarded = self.forwarded_for(request)
         if provider is not None:
             if request.method in UNSAFE_METHODS:
-                self.csrf.check(request.method, request.headers, self.own_origin(request))
+                self.csrf.check(
+                    request.method, request.headers, self.own_origin(request, forwarded)
+                )
             state = await self.require_session(request, provider, ctx)
 
         expects_continue = request.headers.get("Expect", "").lower() == "100-continue"
@@ -317,7 +327,7 @@ class Gateway:
         url = upstream.url(upstream_path(upstream.base_path, match.remainder), query)
         headers = upstream_request_headers(
             request.headers,
-            forwarded=self.forwarded_for(request),
+            forwarded=forwarded,
             req_id=ctx.request_id,
             drop=target.drop,
             cookie_prefix=self.cookie_prefix,
@@ -448,14 +458,17 @@ class Gateway:
             trusted=self._trusted_peer(request),
         )
 
-    def own_origin(self, request: web.BaseRequest) -> str:
-        headers = request.headers
-        if self._trusted_peer(request):
-            proto = headers.get("X-Forwarded-Proto", self.scheme).split(",")[0].strip()
-            host = headers.get("X-Forwarded-Host", headers.get("Host", "")).split(",")[0].strip()
-        else:
-            proto, host = self.scheme, headers.get("Host", "")
-        return f"{proto}://{host}"
+    def own_origin(self, request: web.BaseRequest, forwarded: ForwardedFor | None = None) -> str:
+        """The origin the browser used: from a trusted proxy's X-Forwarded-Proto/-Host
+        (read by the same rule as when forwarding them), else this listener's."""
+        forwarded = forwarded or self.forwarded_for(request)
+        proto, host = forwarded.proto, forwarded.host
+        if forwarded.trusted:
+            headers = request.headers
+            named = connection_named(headers)
+            proto = from_trusted_proxy(headers, named, "X-Forwarded-Proto") or proto
+            host = from_trusted_proxy(headers, named, "X-Forwarded-Host") or host
+        return f"{proto.split(',')[0].strip()}://{host.split(',')[0].strip()}"
 
 
 def _bearer(state: SessionState | None) -> str | None:

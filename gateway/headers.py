@@ -152,16 +152,17 @@ def upstream_request_headers(
 
     # add(), not assignment: _REQUEST_DROP already removed the client's copies.
     if forwarded.trusted:
-        chain = _from_proxy(incoming, named, "X-Forwarded-For")
+        chain = from_trusted_proxy(incoming, named, "X-Forwarded-For")
         out.add(
             "X-Forwarded-For", f"{chain}, {forwarded.client_ip}" if chain else forwarded.client_ip
         )
         out.add(
             "X-Forwarded-Proto",
-            _from_proxy(incoming, named, "X-Forwarded-Proto") or forwarded.proto,
+            from_trusted_proxy(incoming, named, "X-Forwarded-Proto") or forwarded.proto,
         )
         out.add(
-            "X-Forwarded-Host", _from_proxy(incoming, named, "X-Forwarded-Host") or forwarded.host
+            "X-Forwarded-Host",
+            from_trusted_proxy(incoming, named, "X-Forwarded-Host") or forwarded.host,
         )
     else:
         out.add("X-Forwarded-For", forwarded.client_ip)
@@ -176,7 +177,7 @@ def upstream_request_headers(
     return out
 
 
-def _from_proxy(incoming: Headers, named: set[str], name: str) -> str | None:
+def from_trusted_proxy(incoming: Headers, named: set[str], name: str) -> str | None:
     """A trusted proxy's value of ``name``: its lines as one list (RFC 9110 §5.3);
     none when its Connection header names it."""
     if name.lower() in named:

@@ -181,18 +181,20 @@ class Upstream:
         from Location and Content-Location; any other header that carries an
         injected value (an echo) is dropped. A body is streamed as it is.
         """
-        if not self.secrets:
-            return
-        for name in ("Location", "Content-Location"):
-            value = headers.get(name)
-            if value is not None and "?" in value:
-                base, _, rest = value.partition("?")
-                query, hash_mark, fragment = rest.partition("#")
-                kept = "&".join(self._without_injected(query))
-                headers[name] = base + (f"?{kept}" if kept else "") + hash_mark + fragment
-        for name, value in list(headers.items()):
-            if any(secret in value for secret in self.secrets):
-                headers.popall(name, None)
+        # By name, whatever the value's length (short values are not in
+        # ``secrets``, but their parameter still names an injected one).
+        if self.inject_names:
+            for name in ("Location", "Content-Location"):
+                value = headers.get(name)
+                if value is not None and "?" in value:
+                    base, _, rest = value.partition("?")
+                    query, hash_mark, fragment = rest.partition("#")
+                    kept = "&".join(self._without_injected(query))
+                    headers[name] = base + (f"?{kept}" if kept else "") + hash_mark + fragment
+        if self.secrets:
+            for name, value in list(headers.items()):
+                if any(secret in value for secret in self.secrets):
+                    headers.popall(name, None)
 
 
 def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:

@@ -208,3 +208,29 @@ async def test_logout_is_csrf_checked(path: str, case: str) -> None:
         logout = await env.browser.call("POST", path)
         assert logout.status == 204
         assert env.browser.jar == {}
+
+
+@pytest.mark.parametrize(
+    ("forwarded", "status"),
+    [
+        ({"X-Forwarded-Proto": "https", "X-Forwarded-Host": "app.example"}, 200),
+        # Named in Connection, X-Forwarded-Host is hop-by-hop, not the proxy's word: the
+        # same rule as when the gateway forwards it (then Host decides, and differs).
+        (
+            {
+                "X-Forwarded-Proto": "https",
+                "X-Forwarded-Host": "app.example",
+                "Connection": "X-Forwarded-Host",
+            },
+            403,
+        ),
+    ],
+)
+async def test_behind_a_trusted_proxy_the_origin_is_the_forwarded_one(
+    forwarded: dict[str, str], status: int
+) -> None:
+    async with demo_env(session=ROTATED, server={"trusted_proxies": ["127.0.0.0/8"]}) as env:
+        reply = await post_with_k1_cookie(
+            env, {"X-CSRF": "1", "Origin": "https://app.example", **forwarded}
+        )
+        assert reply.status == status

@@ -853,6 +853,26 @@ async def test_injected_secrets_are_scrubbed_from_redirects_and_echoed_headers()
         assert secret.encode() not in raw
 
 
+async def test_a_short_injected_query_value_is_scrubbed_from_a_redirect_too() -> None:
+    """Echoed header values are matched only from 6 characters on (shorter ones would
+    drop innocent headers), but an injected parameter is removed by its name."""
+    recorder = Recorder(echo=False)
+
+    async def canonical_redirect(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=302, headers={"Location": f"/base/p?{request.query_string}"})
+
+    recorder.special = {"/base/p": canonical_redirect}
+    async with (
+        proxied(recorder, {"inject_query": {"k": "ab12"}}) as (url, _port, _up),
+        client() as http,
+        http.get(url + "/api/p?q=1", allow_redirects=False) as answer,
+    ):
+        assert answer.status == 302
+        assert answer.headers["Location"] == "/base/p?q=1"
+    (hit,) = recorder.hits
+    assert URL(hit.raw_path).query.getall("k") == ["ab12"]  # the upstream got it
+
+
 def test_route_reprs_hide_injected_secrets() -> None:
     from gateway.config import Route, Timeouts
     from gateway.proxy import Upstream
