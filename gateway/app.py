@@ -30,7 +30,7 @@ from gateway.auth.refresh import (
     RefreshUnavailable,
 )
 from gateway.config import Config, PasswordProvider, Route
-from gateway.errors import GatewayError, error_response, method_not_allowed
+from gateway.errors import GatewayError, UpstreamFailure, error_response, method_not_allowed
 from gateway.headers import (
     ForwardedFor,
     connection_named,
@@ -45,7 +45,6 @@ from gateway.proxy import (
     RequestBody,
     Upstream,
     UpstreamBodyBroken,
-    UpstreamFailure,
     payload_too_large,
     relay,
     upstream_failure,
@@ -57,6 +56,7 @@ from gateway.sessions.redis_store import RedisStore
 from gateway.sessions.seal import KeyRing
 from gateway.sessions.stores import CookieStore, MemoryStore, SessionStore, StoreUnavailable
 from gateway.static import StaticSite
+from gateway.upstream_client import UpstreamClient
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -108,7 +108,8 @@ class Gateway:
         redis: Redis | None = None,
     ) -> None:
         self.config = config
-        self.client = client
+        self.client = client  # login and refresh calls
+        self.upstreams = UpstreamClient()  # forwarded requests (its docstring says why)
         self.metrics = metrics
         server = config.server
         self.retry_buffer = server.limits.retry_buffer_size
@@ -324,7 +325,7 @@ class Gateway:
         # Forwarding is inline rather than in helpers: this is every request's
         # path, and each coroutine layer costs on every suspension and resumption.
         upstream = target.upstream
-        url = upstream.url(upstream_path(upstream.base_path, match.remainder), query)
+        target_path = upstream.target(upstream_path(upstream.base_path, match.remainder), query)
         headers = upstream_request_headers(
             request.headers,
             forwarded=forwarded,
@@ -335,18 +336,13 @@ class Gateway:
             inject=upstream.inject_headers,
             authorization=_bearer(state),
         )
+        headers["Host"] = upstream.host_header
         method = request.method
         while True:
             sent = time.perf_counter()
             try:
-                answer = await self.client.request(
-                    method,
-                    url,
-                    headers=headers,
-                    data=body.stream() if body is not None else None,
-                    allow_redirects=False,
-                    timeout=upstream.timeout,
-                    ssl=upstream.ssl,
+                answer = await self.upstreams.request(
+                    method, upstream.endpoint, target_path, headers, body, upstream.timeouts
                 )
             except Exception as exc:
                 # Only failures to open the call are mapped: what is raised

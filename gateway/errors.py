@@ -33,6 +33,31 @@ class GatewayError(Exception):
         return f"GatewayError({self.status}, {self.code!r})"
 
 
+class UpstreamFailure(GatewayError):
+    """An upstream that could not be reached or answered badly; ``kind`` feeds metrics."""
+
+    def __init__(self, status: int, code: str, message: str, kind: str) -> None:
+        super().__init__(status, code, message)
+        self.kind = kind
+
+
+_UPSTREAM_MESSAGES = {
+    "tls": "the upstream's TLS certificate was not accepted",
+    "connect": "the upstream refused the connection",
+    "protocol": "the upstream sent a malformed response",
+    "reset": "the upstream connection failed",
+}
+
+
+def upstream_failure_of(kind: str) -> UpstreamFailure:
+    """The SPEC §4.4 error for an upstream failure of ``kind``: 504 for a timeout, else 502."""
+    if kind == "timeout":
+        return UpstreamFailure(
+            504, "upstream_timeout", "the upstream did not answer in time", "timeout"
+        )
+    return UpstreamFailure(502, "upstream_unavailable", _UPSTREAM_MESSAGES[kind], kind)
+
+
 def bad_request(message: str) -> GatewayError:
     return GatewayError(400, "bad_request", message)
 

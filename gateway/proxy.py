@@ -16,22 +16,16 @@ from urllib.parse import quote, quote_plus, unquote_plus
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config import Route, Timeouts
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, UpstreamFailure, upstream_failure_of
+from gateway.upstream_client import CallTimeouts, Endpoint, UpstreamResponse, tls_context
 
 _NO_BODY_STATUSES = frozenset({204, 304})
 _MIN_SECRET = 6
-
-
-class UpstreamFailure(GatewayError):
-    """An upstream that could not be reached or answered badly; ``kind`` feeds metrics."""
-
-    def __init__(self, status: int, code: str, message: str, kind: str) -> None:
-        super().__init__(status, code, message)
-        self.kind = kind
 
 
 def payload_too_large(limit: int) -> GatewayError:
@@ -111,10 +105,10 @@ class RequestBody:
 class Upstream:
     """Everything about a route's upstream that can be computed once at startup."""
 
-    origin: str  # scheme://host[:port]
+    endpoint: Endpoint
+    host_header: str  # host[:port] as the upstream's URL gives it
     base_path: str
-    timeout: aiohttp.ClientTimeout
-    ssl: ssl.SSLContext | bool
+    timeouts: CallTimeouts
     inject_headers: Mapping[str, str] = field(repr=False)
     # (decoded name, encoded "name=value")
     inject_query: tuple[tuple[str, str], ...] = field(repr=False)
@@ -128,17 +122,13 @@ class Upstream:
         assert route.upstream is not None
         url = URL(route.upstream)
         timeouts = route.timeouts.over(server_timeouts)
-        context: ssl.SSLContext | bool = True
-        if url.scheme == "https":
-            if not route.tls.verify:
-                context = False
-            elif route.tls.ca_file is not None:
-                context = ssl.create_default_context(cafile=str(route.tls.ca_file))
+        tls = tls_context(route.tls.verify, route.tls.ca_file) if url.scheme == "https" else None
+        assert url.raw_host is not None and url.port is not None  # config validation
         return cls(
-            origin=str(url.origin()),
+            endpoint=Endpoint(url.raw_host, url.port, tls),
+            host_header=url.host_port_subcomponent or url.raw_host,
             base_path=url.raw_path,
-            timeout=client_timeout(timeouts),
-            ssl=context,
+            timeouts=CallTimeouts(timeouts.connect, timeouts.read, timeouts.total),
             inject_headers=dict(route.inject_headers),
             inject_query=tuple(
                 (name, f"{quote(name, safe='')}={quote(value, safe='')}")
@@ -155,10 +145,10 @@ class Upstream:
             ),
         )
 
-    def url(self, raw_path: str, raw_query: str) -> URL:
+    def target(self, raw_path: str, raw_query: str) -> str:
+        """The request target (path and query) to send upstream."""
         query = self._query(raw_query)
-        target = f"{self.origin}{raw_path}?{query}" if query else f"{self.origin}{raw_path}"
-        return URL(target, encoded=True)
+        return f"{raw_path}?{query}" if query else raw_path
 
     def _without_injected(self, raw_query: str) -> list[str]:
         return [
@@ -233,24 +223,20 @@ def upstream_failure(exc: Exception, body: RequestBody | None) -> GatewayError:
 
 
 def map_client_error(exc: BaseException) -> UpstreamFailure:
-    # aiohttp's connect and read timeouts are TimeoutError subclasses.
+    if isinstance(exc, UpstreamFailure):
+        return exc
+    # aiohttp's read timeouts are TimeoutError subclasses.
     if isinstance(exc, TimeoutError):
-        return UpstreamFailure(
-            504, "upstream_timeout", "the upstream did not answer in time", "timeout"
-        )
+        return upstream_failure_of("timeout")
     if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
-        return UpstreamFailure(
-            502, "upstream_unavailable", "the upstream's TLS certificate was not accepted", "tls"
-        )
+        return upstream_failure_of("tls")
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return UpstreamFailure(
-            502, "upstream_unavailable", "the upstream refused the connection", "connect"
-        )
-    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
-        return UpstreamFailure(
-            502, "upstream_unavailable", "the upstream sent a malformed response", "protocol"
-        )
-    return UpstreamFailure(502, "upstream_unavailable", "the upstream connection failed", "reset")
+        return upstream_failure_of("connect")
+    if isinstance(
+        exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError | HttpProcessingError
+    ):
+        return upstream_failure_of("protocol")
+    return upstream_failure_of("reset")
 
 
 class _HeadersWithFirstChunk(web.StreamResponse):
@@ -267,7 +253,7 @@ class _HeadersWithFirstChunk(web.StreamResponse):
 
 async def relay(
     request: web.BaseRequest,
-    upstream_response: aiohttp.ClientResponse,
+    upstream_response: UpstreamResponse,
     headers: CIMultiDict[str],
 ) -> web.StreamResponse:
     """Stream the upstream's answer to the client chunk by chunk as it arrives.
@@ -283,25 +269,42 @@ async def relay(
     if request.method == "HEAD" or upstream_response.status in _NO_BODY_STATUSES:
         await response.write_eof()
         return response
+    # Only reads from the upstream are guarded: a failed write means the
+    # browser left, which is not an upstream failure (handle() lets it pass).
     content = upstream_response.content
     try:
-        first = content.read_nowait()  # what already arrived with the headers
-        if content.at_eof():
-            await response.write_eof(first)  # headers, body and end in one write
-            return response
-        if first:
-            await response.write(first)
-        else:
-            request.writer.send_headers()
-        async for chunk in content.iter_any():
-            await response.write(chunk)
-    except (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-        # Never write_eof() here: a clean end would tell the browser the body is complete.
-        if request.transport is not None:
-            request.transport.abort()
-        raise UpstreamBodyBroken(map_client_error(exc).kind, response) from None
+        chunk = content.read_nowait()  # what already arrived with the headers
+    except _UPSTREAM_BREAKS as exc:
+        raise _cut_off(request, response, exc) from None
+    if content.at_eof():
+        await response.write_eof(chunk)  # headers, body and end in one write
+        return response
+    if chunk:
+        await response.write(chunk)
+    else:
+        request.writer.send_headers()
+    while True:
+        try:
+            chunk = await content.readany()
+        except _UPSTREAM_BREAKS as exc:
+            raise _cut_off(request, response, exc) from None
+        if not chunk:
+            break
+        await response.write(chunk)
     await response.write_eof()
     return response
+
+
+_UPSTREAM_BREAKS = (TimeoutError, aiohttp.ClientPayloadError, aiohttp.ClientConnectionError)
+
+
+def _cut_off(
+    request: web.BaseRequest, response: web.StreamResponse, exc: BaseException
+) -> UpstreamBodyBroken:
+    # Never write_eof() here: a clean end would tell the browser the body is complete.
+    if request.transport is not None:
+        request.transport.abort()
+    return UpstreamBodyBroken(map_client_error(exc).kind, response)
 
 
 class UpstreamBodyBroken(Exception):

@@ -153,6 +153,7 @@ async def gateway_listeners(
         if admin is not None:
             await admin.cleanup()
         await client.close()
+        await gateway.upstreams.close()
         await store.close()
         if redis is not None:
             await redis.aclose()

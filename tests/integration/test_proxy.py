@@ -17,16 +17,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from unittest import mock
 from urllib.parse import quote
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aioresponses import aioresponses
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from gateway.observability.logs import JsonFormatter, TextFormatter
+from gateway.upstream_client import UpstreamClient
 from tests.support import (
     RunningGateway,
     config_dict,
@@ -751,6 +753,7 @@ async def test_silent_upstream_mid_body_cuts_the_client_off() -> None:
         (aiohttp.ClientOSError(104, "Connection reset by peer"), 502, "upstream_unavailable"),
         (aiohttp.ServerDisconnectedError(), 502, "upstream_unavailable"),
         (aiohttp.ClientPayloadError("broken"), 502, "upstream_unavailable"),
+        (HttpProcessingError(message="bad status line"), 502, "upstream_unavailable"),
         (aiohttp.ConnectionTimeoutError(), 504, "upstream_timeout"),
         (TimeoutError(), 504, "upstream_timeout"),
     ],
@@ -758,13 +761,21 @@ async def test_silent_upstream_mid_body_cuts_the_client_off() -> None:
 async def test_client_side_failures_map_to_json_errors(
     exception: Exception, status: int, code: str
 ) -> None:
-    upstream = f"http://127.0.0.1:{free_port()}"
-    routes = [{"path": "/api/", "upstream": upstream + "/", "inject_headers": {"X-K": SECRET}}]
-    async with running_gateway(config_dict(routes)) as gateway:
-        with aioresponses(passthrough=[gateway.url]) as mocked:
-            mocked.get(upstream + "/x", exception=exception)
-            async with client() as http, http.get(gateway.url + "/api/x") as response:
-                body = await response.read()
+    # The upstream is real and reachable; the failure is injected where the
+    # gateway's client exchanges a request for an answer on its connection.
+    async def never_reached(request: web.Request) -> web.Response:
+        raise AssertionError("the exchange is replaced")
+
+    app = web.Application()
+    app.router.add_get("/x", never_reached)
+    with mock.patch.object(UpstreamClient, "_exchange", side_effect=exception) as exchange:
+        async with (
+            fronted(app, inject_headers={"X-K": SECRET}) as gateway,
+            client() as http,
+            http.get(gateway.url + "/api/x") as response,
+        ):
+            body = await response.read()
+    assert exchange.call_count == 1  # a fresh connection: no retry
     assert_json_error(response.status, body, status, code)
     assert SECRET.encode() not in body
     assert "text/html" not in response.headers.get("Content-Type", "")
