@@ -13,8 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
+from aioresponses import aioresponses
 
 from gateway.demo.api import AUTHORITY_KEY, USERS, InvalidToken, TokenAuthority
 from gateway.sessions.model import Session
@@ -479,6 +481,34 @@ async def test_a_refused_refresh_endpoint_is_503_and_keeps_the_session() -> None
         assert reply.error == "refresh_unavailable"
         assert reply.set_cookies == []
         assert "bff-demo" in env.browser.jar
+
+
+@pytest.mark.parametrize(
+    "exception",
+    [
+        aiohttp.ClientOSError(104, "Connection reset by peer"),
+        aiohttp.ServerDisconnectedError(),
+        aiohttp.ClientPayloadError("broken"),
+        aiohttp.ConnectionTimeoutError(),
+    ],
+)
+async def test_client_side_failures_of_the_refresh_call_are_503_and_keep_the_session(
+    exception: Exception,
+) -> None:
+    # aioresponses injects the failure into the gateway's auth client (the
+    # refresh call); everything else passes through to the real servers.
+    refresh_url = f"http://127.0.0.1:{free_port()}/refresh"
+    async with demo_env(provider={"refresh_url": refresh_url}) as env:
+        await login(env.browser)
+        env.authority.expire_access_tokens()
+        with aioresponses(passthrough=[env.gateway.url]) as mocked:
+            mocked.post(refresh_url, exception=exception)
+            reply = await env.browser.call("GET", "/api/user")
+        assert reply.status == 503
+        assert reply.error == "refresh_unavailable"
+        assert reply.set_cookies == []
+        assert "bff-demo" in env.browser.jar
+        assert refresh_count(env, "error") == 1
 
 
 async def test_a_refresh_answer_without_a_token_is_502_and_keeps_the_session() -> None:
