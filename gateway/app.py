@@ -47,6 +47,7 @@ from gateway.proxy import (
     UpstreamBodyBroken,
     payload_too_large,
     relay,
+    reply_to,
     upstream_failure,
 )
 from gateway.routing import RouteTable, split_target, upstream_path
@@ -349,7 +350,7 @@ class Gateway:
                 # while the response is held (a relay cut short, a store that
                 # failed) passes through, since the client may have its headers.
                 raise upstream_failure(exc, body) from None
-            async with answer:
+            try:  # not `async with`: one coroutine less on every request
                 ctx.upstream_seconds = time.perf_counter() - sent
                 wants_refresh = (
                     provider is not None
@@ -365,10 +366,13 @@ class Gateway:
                     await self.refresh(provider, state, ctx)
                     wants_refresh = False
                 if not wants_refresh:
-                    reply = response_headers(answer.headers, self.cookie_prefix)
-                    upstream.scrub_response_headers(reply)
-                    await self.add_session_cookies(reply, ctx)
-                    return await relay(request, answer, reply)
+                    response = reply_to(answer)
+                    response_headers(answer.headers, self.cookie_prefix, response.headers)
+                    upstream.scrub_response_headers(response.headers)
+                    await self.add_session_cookies(response.headers, ctx)
+                    return await relay(request, answer, response)
+            finally:
+                answer.release()
             assert provider is not None and state is not None
             session = await self.refresh(provider, state, ctx)
             headers["Authorization"] = f"Bearer {session.access_token}"  # for the replay

@@ -186,10 +186,14 @@ def from_trusted_proxy(incoming: Headers, named: set[str], name: str) -> str | N
     return ", ".join(lines) or None
 
 
-def response_headers(upstream: Headers, cookie_prefix: str) -> CIMultiDict[str]:
-    """Upstream response headers minus hop-by-hop and any Set-Cookie for our names."""
+def response_headers(
+    upstream: Headers, cookie_prefix: str, out: CIMultiDict[str] | None = None
+) -> CIMultiDict[str]:
+    """Upstream response headers minus hop-by-hop and any Set-Cookie for our names,
+    added to ``out`` (a response's own headers: no copy) or to a new multidict."""
     named = connection_named(upstream)
-    out: CIMultiDict[str] = CIMultiDict()
+    if out is None:
+        out = CIMultiDict()
     for name, value in upstream.items():
         lower = name.lower()
         if lower in HOP_BY_HOP or lower in named:

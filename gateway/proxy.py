@@ -251,20 +251,19 @@ class _HeadersWithFirstChunk(web.StreamResponse):
     _send_headers_immediately = False
 
 
+def reply_to(upstream_response: UpstreamResponse) -> web.StreamResponse:
+    """The response to relay ``upstream_response`` in; its headers are the caller's to fill."""
+    return _HeadersWithFirstChunk(status=upstream_response.status, reason=upstream_response.reason)
+
+
 async def relay(
-    request: web.BaseRequest,
-    upstream_response: UpstreamResponse,
-    headers: CIMultiDict[str],
+    request: web.BaseRequest, upstream_response: UpstreamResponse, response: web.StreamResponse
 ) -> web.StreamResponse:
     """Stream the upstream's answer to the client chunk by chunk as it arrives.
 
     If the upstream's body breaks off, the client's connection is dropped
     rather than ended cleanly, so the browser sees a truncated response.
     """
-    response = _HeadersWithFirstChunk(
-        status=upstream_response.status, reason=upstream_response.reason
-    )
-    response.headers.extend(headers)
     await response.prepare(request)
     if request.method == "HEAD" or upstream_response.status in _NO_BODY_STATUSES:
         await response.write_eof()
