@@ -240,9 +240,13 @@ def identify(peer: Peer, request: RawRequest) -> bytes:
 
 
 async def keep_alive(peer: Peer) -> None:
-    """Answer every request on the connection with which connection and request it was."""
+    """Answer every request on the connection with which connection and request it was
+    (for HEAD, the head of that answer only)."""
     while (request := await peer.next_request()) is not None:
-        await peer.send(answer(identify(peer, request)))
+        response = answer(identify(peer, request))
+        if request.method == "HEAD":
+            response = response[: response.index(b"\r\n\r\n") + 4]
+        await peer.send(response)
 
 
 def first_answer(first: bytes, *, then_serve: bool) -> Callable[[Peer], Awaitable[None]]:
@@ -343,18 +347,34 @@ async def open_client(**options: Any) -> AsyncIterator[UpstreamClient]:
         await client.close()
 
 
-def request_body(
-    *chunks: bytes, eof: bool = True, limit: int = 2**20, keep: int = 2**16
-) -> tuple[RequestBody, aiohttp.StreamReader]:
-    """A RequestBody over a real aiohttp StreamReader that the test feeds itself
-    (what the gateway's server side would feed from the browser's upload)."""
+Upload = Callable[..., tuple[RequestBody, aiohttp.StreamReader]]
+
+
+@pytest.fixture
+async def upload() -> AsyncIterator[Upload]:
+    """Makes request bodies as the gateway gets them: a RequestBody over the aiohttp
+    StreamReader of a live connection, fed by the test. A socket pair stands in for the
+    browser's connection (aiohttp's StreamReader waits for data only while it is open).
+
+    ``upload(*chunks, eof=True, limit=..., keep=...)`` returns the body and its reader.
+    """
     loop = asyncio.get_running_loop()
-    content = aiohttp.StreamReader(BaseProtocol(loop), 2**16, loop=loop)
-    for chunk in chunks:
-        content.feed_data(chunk)
-    if eof:
-        content.feed_eof()
-    return RequestBody(content, limit, keep), content
+    ours, theirs = socket.socketpair()
+    transport, browser = await loop.create_connection(lambda: BaseProtocol(loop), sock=ours)
+
+    def make(
+        *chunks: bytes, eof: bool = True, limit: int = 2**20, keep: int = 2**16
+    ) -> tuple[RequestBody, aiohttp.StreamReader]:
+        content = aiohttp.StreamReader(browser, 2**16, loop=loop)
+        for chunk in chunks:
+            content.feed_data(chunk)
+        if eof:
+            content.feed_eof()
+        return RequestBody(content, limit, keep), content
+
+    yield make
+    transport.close()
+    theirs.close()
 
 
 # -- keep-alive reuse --------------------------------------------------------------
@@ -510,10 +530,10 @@ async def test_get_on_a_dead_reused_connection_is_retried_on_a_new_one() -> None
     assert upstream.targets() == ["/", "/again", "/again"]
 
 
-async def test_put_with_a_replayable_body_is_retried_with_the_whole_body() -> None:
+async def test_put_with_a_replayable_body_is_retried_with_the_whole_body(upload: Upload) -> None:
     async with raw_upstream(dies_on_reuse()) as upstream, open_client() as client:
         assert await call(client, upstream.port) == (200, b"conn0 GET /")
-        body, _ = request_body(b"the ", b"payload")
+        body, _ = upload(b"the ", b"payload")
         status, answer_body = await call(client, upstream.port, "PUT", "/doc", body=body)
     assert (status, answer_body) == (200, b"conn1 PUT /doc")
     replayed = upstream.peers[1].requests[0]
@@ -530,10 +550,10 @@ async def test_post_on_a_dead_reused_connection_is_not_retried() -> None:
     assert len(upstream.peers) == 1
 
 
-async def test_put_whose_body_was_not_kept_is_not_retried() -> None:
+async def test_put_whose_body_was_not_kept_is_not_retried(upload: Upload) -> None:
     async with raw_upstream(dies_on_reuse()) as upstream, open_client() as client:
         assert await call(client, upstream.port) == (200, b"conn0 GET /")
-        body, _ = request_body(b"more than the two bytes kept", keep=2)
+        body, _ = upload(b"more than the two bytes kept", keep=2)
         with pytest.raises(aiohttp.ServerDisconnectedError):
             await call(client, upstream.port, "PUT", "/doc", body=body)
     assert upstream.targets() == ["/", "/doc"]
@@ -603,7 +623,7 @@ async def test_bodyless_request_framing(method: str, framing: str | None) -> Non
     assert "Transfer-Encoding" not in request.headers
 
 
-async def test_streamed_body_without_length_is_sent_chunked_as_it_arrives() -> None:
+async def test_streamed_body_without_length_is_sent_chunked_as_it_arrives(upload: Upload) -> None:
     first_chunk_in = asyncio.Event()
 
     async def serve(peer: Peer) -> None:
@@ -612,7 +632,7 @@ async def test_streamed_body_without_length_is_sent_chunked_as_it_arrives() -> N
                 first_chunk_in.set()
             await peer.send(answer(identify(peer, request)))
 
-    body, content = request_body(b"hello, ", eof=False)
+    body, content = upload(b"hello, ", eof=False)
     async with raw_upstream(serve) as upstream, open_client() as client:
         exchange = asyncio.create_task(call(client, upstream.port, "POST", "/up", body=body))
         # The first part reaches the upstream before the rest of the body exists.
@@ -629,9 +649,9 @@ async def test_streamed_body_without_length_is_sent_chunked_as_it_arrives() -> N
     assert request.chunk_sizes == [7, 5, 0]
 
 
-async def test_body_with_content_length_is_sent_as_is() -> None:
+async def test_body_with_content_length_is_sent_as_is(upload: Upload) -> None:
     headers = CIMultiDict({"Host": "up", "Content-Length": "11"})
-    body, _ = request_body(b"hello", b" world")
+    body, _ = upload(b"hello", b" world")
     async with raw_upstream(keep_alive) as upstream, open_client() as client:
         assert await call(client, upstream.port, "POST", headers=headers, body=body) == (
             200,
@@ -673,7 +693,7 @@ async def test_line_breaks_in_the_request_head_are_refused(
     assert all(b"X-Injected" not in peer.received for peer in upstream.peers)
 
 
-async def test_a_body_over_its_limit_fails_with_413_and_never_looks_complete() -> None:
+async def test_a_body_over_its_limit_fails_with_413_and_never_looks_complete(upload: Upload) -> None:
     first_chunk_in = asyncio.Event()
 
     async def serve(peer: Peer) -> None:
@@ -683,7 +703,7 @@ async def test_a_body_over_its_limit_fails_with_413_and_never_looks_complete() -
                 first_chunk_in.set()
             await peer.read_until_closed()
 
-    body, content = request_body(b"abcd", eof=False, limit=5)
+    body, content = upload(b"abcd", eof=False, limit=5)
     async with raw_upstream(serve) as upstream, open_client() as client:
         exchange = asyncio.create_task(call(client, upstream.port, "POST", body=body))
         await guarded(first_chunk_in.wait(), "the first chunk at the upstream")
@@ -697,7 +717,7 @@ async def test_a_body_over_its_limit_fails_with_413_and_never_looks_complete() -
     assert (request.body, request.complete) == (b"abcd", False)  # no last chunk was sent
 
 
-async def test_an_answer_before_the_whole_body_closes_the_connection() -> None:
+async def test_an_answer_before_the_whole_body_closes_the_connection(upload: Upload) -> None:
     async def serve(peer: Peer) -> None:
         if peer.index > 0:
             await keep_alive(peer)
@@ -706,7 +726,7 @@ async def test_an_answer_before_the_whole_body_closes_the_connection() -> None:
         await peer.send(answer(b"too big", status="413 Payload Too Large"))
         await peer.read_until_closed()
 
-    body, _ = request_body(b"a first part", eof=False)  # and the rest never comes
+    body, _ = upload(b"a first part", eof=False)  # and the rest never comes
     async with raw_upstream(serve) as upstream, open_client() as client:
         assert await call(client, upstream.port, "POST", body=body) == (413, b"too big")
         # Mid-request, the connection cannot carry another one.
@@ -843,9 +863,14 @@ async def test_total_timeout_covers_a_body_that_keeps_coming() -> None:
     async def trickle(peer: Peer) -> None:
         await peer.next_request()
         await peer.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
-        while True:  # a byte every 50 ms: never silent long enough for the read timeout
-            await peer.send(b"x")
-            await asyncio.sleep(0.05)
+        watch = asyncio.create_task(peer.read_until_closed())
+        try:
+            # A byte every 50 ms: never silent long enough for the read timeout.
+            while not peer.closed_by_client.is_set():
+                await peer.send(b"x")
+                await asyncio.sleep(0.05)
+        finally:
+            watch.cancel()
 
     async def read_all(response: Any) -> int:
         received = 0

@@ -13,6 +13,8 @@ on a small shared machine):
   S   a low-level aiohttp hello-world server; C an in-process aiohttp client
       loop against the upstream; ceiling = 1 / (1/S + 1/C), the best a
       one-process aiohttp proxy could do (a proxy is one server + one client)
+  C'  the same client loop with the gateway's own upstream client
+      (gateway/upstream_client.py); ceiling' = 1 / (1/S + 1/C')
 
 Plus micro-benchmarks of the session codec (seal, unseal, SessionManager).
 
@@ -391,16 +393,17 @@ class Target:
 
 @dataclass
 class ClientLoop:
-    """C: the aiohttp client alone, as the gateway's upstream side would run it."""
+    """C: the aiohttp client alone; C': the gateway's own upstream client alone."""
 
     url: str
     key: str = "C"
     label: str = "aiohttp client loop"
-    note: str = f"{CONNECTIONS} tasks, one ClientSession (the gateway's settings)"
+    note: str = f"{CONNECTIONS} tasks, one ClientSession (settings of the gateway's auth client)"
+    role: str = "client"
 
     def run(self, procs: Processes, seconds: float, warmup: float) -> Run:
-        out = procs.tmp / "client.out"
-        argv = [PYTHON, SERVERS, "client", self.url, str(seconds), str(CONNECTIONS)]
+        out = procs.tmp / f"{self.role}.out"
+        argv = [PYTHON, SERVERS, self.role, self.url, str(seconds), str(CONNECTIONS)]
         argv.append(str(max(warmup, 0.3)))  # its own fresh pool always needs a moment
         proc = procs.start("client", argv, cpu=TARGET_CPU, stdout=out)
         try:
@@ -604,6 +607,15 @@ def start_targets(procs: Processes, upstream: str) -> list[Target | ClientLoop]:
         Target("S", "aiohttp hello-world server", hello, TARGET_CPU, "web.Server, fixed answer")
     )
     targets.append(ClientLoop(f"{upstream}/hello"))
+    targets.append(
+        ClientLoop(
+            f"{upstream}/hello",
+            key="C'",
+            label="gateway's upstream client loop",
+            note=f"{CONNECTIONS} tasks, one UpstreamClient (what the gateway forwards with)",
+            role="upstream-client",
+        )
+    )
     port = free_port()
     baseline = start_server(
         procs,
@@ -908,6 +920,8 @@ RATIOS = [
     ("b'/b", "b'", "b", "access log off ÷ on, auth: none route"),
     ("b2'/b2", "b2'", "b2", "access log off ÷ on, session route"),
     ("c/ceiling", "c", "ceiling", "minimal aiohttp proxy ÷ ceiling"),
+    ("b2'/ceiling'", "b2'", "ceiling'", "session route without access log ÷ 1/(1/S + 1/C')"),
+    ("C'/C", "C'", "C", "the gateway's upstream client ÷ aiohttp's ClientSession"),
 ]
 
 
@@ -942,7 +956,7 @@ def render(
         "| target | req/s | p50 | p99 | notes |",
         "|---|---:|---:|---:|---|",
     ]
-    for key in ["a", "b", "b'", "b2", "b2'", "c", "d", "S", "C", "ceiling"]:
+    for key in ["a", "b", "b'", "b2", "b2'", "c", "d", "S", "C", "C'", "ceiling", "ceiling'"]:
         result = results.get(key)
         if result is None:
             continue
@@ -993,15 +1007,22 @@ def main() -> int:
         results = measure_all(procs, targets)
         print("workers: 1 and 2", flush=True)
         scaling = measure_workers(procs, upstream)
-        s, c = results["S"].rps, results["C"].rps
-        results["ceiling"] = Result(
-            "ceiling",
-            "ceiling 1/(1/S + 1/C)",
-            1 / (1 / s + 1 / c) if s > 0 and c > 0 else 0.0,
-            note="what one aiohttp server + one aiohttp client in one process can do",
-        )
-        if c >= 0.9 * results["a"].rps:
-            results["C"].problems.append("near the upstream's own rate: C may be upstream-bound")
+        s = results["S"].rps
+        for key, client, note in (
+            ("ceiling", "C", "what one aiohttp server + one aiohttp client in one process can do"),
+            ("ceiling'", "C'", "the same with the gateway's own upstream client"),
+        ):
+            c = results[client].rps
+            results[key] = Result(
+                key,
+                f"ceiling 1/(1/S + 1/{client})",
+                1 / (1 / s + 1 / c) if s > 0 and c > 0 else 0.0,
+                note=note,
+            )
+            if c >= 0.9 * results["a"].rps:
+                results[client].problems.append(
+                    f"near the upstream's own rate: {client} may be upstream-bound"
+                )
         table = render(results, micro, load_before) + render_workers(scaling)
         print()
         print(table)

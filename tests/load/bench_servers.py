@@ -10,8 +10,10 @@ Run as ``python tests/load/bench_servers.py ROLE ...``:
   proxy (one ClientSession, streamed body, headers copied naively).
 - ``hello PORT``: a low-level ``web.Server`` answering a fixed response (the
   server half of the gateway's ceiling, S).
-- ``client URL SECONDS CONCURRENCY``: an in-process client loop (the client
-  half of the ceiling, C); prints ``{"requests": n, "seconds": s}`` as JSON.
+- ``client URL SECONDS CONCURRENCY WARMUP``: an in-process aiohttp client loop
+  (the client half of the ceiling, C); prints ``{"requests": n, "seconds": s}``
+  as JSON. ``upstream-client`` does the same with the gateway's own upstream
+  client (C').
 
 Every role runs on uvloop when it is installed, like ``bff-gateway run``.
 """
@@ -166,24 +168,47 @@ def hello_server() -> web.Server:
 # -- client loop (C) ---------------------------------------------------------
 
 
-async def client_loop(url: str, seconds: float, concurrency: int, warmup: float) -> dict[str, Any]:
-    """``concurrency`` tasks sharing the gateway's own upstream ClientSession setup."""
-    from gateway.proxy import client_session
+async def client_loop(
+    url: str, seconds: float, concurrency: int, warmup: float, gateway_client: bool = False
+) -> dict[str, Any]:
+    """``concurrency`` tasks calling ``url`` with one client: aiohttp's ClientSession
+    (set up as the gateway's auth client), or the gateway's own UpstreamClient."""
+    from multidict import CIMultiDict
+    from yarl import URL
 
+    from gateway.proxy import client_session
+    from gateway.upstream_client import CallTimeouts, Endpoint, UpstreamClient
+
+    parsed = URL(url)
+    assert parsed.raw_host is not None and parsed.port is not None
+    endpoint = Endpoint(parsed.raw_host, parsed.port, None)
+    timeouts = CallTimeouts(connect=5, read=60, total=None)
     session = client_session()
+    upstream = UpstreamClient()
     counting = False
     done = 0
     errors = 0
     stop = asyncio.Event()
 
+    async def call() -> bool:
+        if not gateway_client:
+            async with session.get(url) as answer:
+                await answer.read()
+                return answer.status == 200
+        headers = CIMultiDict({"Host": parsed.host_port_subcomponent or ""})
+        answer = await upstream.request("GET", endpoint, parsed.raw_path, headers, None, timeouts)
+        try:
+            await answer.content.read()
+            return answer.status == 200
+        finally:
+            answer.release()
+
     async def worker() -> None:
         nonlocal done, errors
         while not stop.is_set():
             try:
-                async with session.get(url) as answer:
-                    await answer.read()
-                    ok = answer.status == 200
-            except aiohttp.ClientError:
+                ok = await call()
+            except (aiohttp.ClientError, OSError):
                 ok = False
             if counting:
                 if ok:
@@ -205,6 +230,7 @@ async def client_loop(url: str, seconds: float, concurrency: int, warmup: float)
         for task in tasks:
             task.cancel()
         await session.close()
+        await upstream.close()
     return {"requests": done, "errors": errors, "seconds": elapsed}
 
 
@@ -252,8 +278,12 @@ def main(argv: list[str]) -> int:
         _run(_serve(make_proxy, int(argv[1])))
     elif role == "hello":
         _run(_serve(lambda: (web.ServerRunner(hello_server()), None), int(argv[1])))
-    elif role == "client":
-        result = _run(client_loop(argv[1], float(argv[2]), int(argv[3]), float(argv[4])))
+    elif role in ("client", "upstream-client"):
+        result = _run(
+            client_loop(
+                argv[1], float(argv[2]), int(argv[3]), float(argv[4]), role == "upstream-client"
+            )
+        )
         print(json.dumps(result), flush=True)
     else:
         print(f"unknown role {role!r}", file=sys.stderr)
