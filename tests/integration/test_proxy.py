@@ -723,6 +723,41 @@ async def test_silent_upstream_past_route_read_timeout_is_504_json() -> None:
         never.set()
 
 
+async def test_a_shorter_read_timeout_holds_on_a_connection_a_longer_one_used() -> None:
+    """Two routes share the upstream's pooled connection. Its read timer, armed for
+    the first route's 60 s, must be re-armed for the second route's 0.3 s."""
+    never = asyncio.Event()
+    peers: list[object] = []
+
+    async def fast(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        return web.Response(text="fast")
+
+    async def silent(request: web.Request) -> web.Response:
+        peers.append(request.transport.get_extra_info("peername") if request.transport else None)
+        await never.wait()
+        return web.Response(text="too late")
+
+    app = web.Application()
+    app.router.add_get("/fast", fast)
+    app.router.add_get("/slow", silent)
+    try:
+        async with serve(app) as upstream:
+            routes = [
+                {"path": "/long/", "upstream": upstream + "/", "timeouts": {"read": 60}},
+                {"path": "/short/", "upstream": upstream + "/", "timeouts": {"read": 0.3}},
+            ]
+            async with running_gateway(config_dict(routes)) as gateway, client() as http:
+                async with http.get(gateway.url + "/long/fast") as response:
+                    assert await response.text() == "fast"
+                async with asyncio.timeout(10), http.get(gateway.url + "/short/slow") as response:
+                    body = await response.read()  # in 0.3 s, not 60 s
+                    assert_json_error(response.status, body, 504, "upstream_timeout")
+    finally:
+        never.set()
+    assert len(peers) == 2 and peers[0] == peers[1]  # one upstream connection, reused
+
+
 async def test_silent_upstream_mid_body_cuts_the_client_off() -> None:
     """A read timeout after the headers were relayed: truncated, never a clean end."""
     never = asyncio.Event()
