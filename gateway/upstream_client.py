@@ -240,8 +240,11 @@ class UpstreamClient:
                 timer = total.timer()
             with timer or _NO_TIMER:
                 retry_allowed = method in IDEMPOTENT_METHODS
+                retrying = False
                 while True:
-                    protocol = self._take_idle(endpoint, loop)
+                    # A retry never takes another idle connection: after one
+                    # went stale, its siblings (an upstream restart) may be too.
+                    protocol = None if retrying else self._take_idle(endpoint, loop)
                     reused = protocol is not None
                     if protocol is None:
                         protocol = await self._connect(endpoint, timeouts.connect, loop)
@@ -259,7 +262,8 @@ class UpstreamClient:
                             and (body is None or body.replayable)
                         ):
                             raise
-                        retry_allowed = False  # once, on a fresh connection
+                        retry_allowed = False  # once,
+                        retrying = True  # on a fresh connection
         except BaseException:
             self.done(deadline)
             raise
