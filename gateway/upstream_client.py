@@ -125,6 +125,20 @@ class _UpstreamProtocol(ResponseHandler):
             return
         super()._on_read_timeout()
 
+    def holds_a_partial_message(self) -> bool:
+        """Bytes of another message arrived after the answer (a stray, partial
+        response head): the parser holds them, ``should_close`` does not see them."""
+        parser = self._parser
+        if parser is None:
+            return False
+        try:
+            # At a message boundary this is a no-op returning None; with a
+            # message begun it returns that message. The parser is not used
+            # again: every exchange starts a fresh one.
+            return parser.feed_eof() is not None
+        except Exception:
+            return True
+
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         if self._read_timeout_handle is not None:  # do not keep a closed connection alive
@@ -157,7 +171,7 @@ class UpstreamResponse:
         self,
         client: UpstreamClient,
         endpoint: Endpoint,
-        protocol: ResponseHandler,
+        protocol: _UpstreamProtocol,
         message: RawResponseMessage,
         content: aiohttp.StreamReader,
         sender: asyncio.Task[None] | None,
@@ -186,7 +200,11 @@ class UpstreamResponse:
             # the connection is mid-request, never reusable.
             sender.cancel()
             protocol.close()
-        elif self._message.should_close or protocol.should_close:
+        elif (
+            self._message.should_close
+            or protocol.should_close
+            or protocol.holds_a_partial_message()
+        ):
             # Connection: close, HTTP/1.0, a body not read to its end, bytes
             # after the message, or a failed send: closed, never reused.
             protocol.close()
@@ -209,7 +227,7 @@ class UpstreamClient:
         self._max_idle = connections
         self._keepalive = keepalive
         # Idle connections per endpoint, oldest first, with the time they went idle.
-        self._idle: dict[Endpoint, deque[tuple[ResponseHandler, float]]] = {}
+        self._idle: dict[Endpoint, deque[tuple[_UpstreamProtocol, float]]] = {}
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -230,15 +248,17 @@ class UpstreamClient:
         that fails raises what its stream raised (a 413 stays a 413).
         """
         loop = asyncio.get_running_loop()
-        await self._slots.acquire()
         deadline: asyncio.TimerHandle | None = None
+        timer: BaseTimerContext | None = None
+        if timeouts.total:
+            total = TimeoutHandle(loop, timeouts.total)
+            deadline = total.start()
+            timer = total.timer()
+        holding_slot = False
         try:
-            timer: BaseTimerContext | None = None
-            if timeouts.total:
-                total = TimeoutHandle(loop, timeouts.total)
-                deadline = total.start()
-                timer = total.timer()
-            with timer or _NO_TIMER:
+            with timer or _NO_TIMER:  # the total covers the wait for a free slot too
+                await self._slots.acquire()
+                holding_slot = True
                 retry_allowed = method in IDEMPOTENT_METHODS
                 retrying = False
                 while True:
@@ -265,12 +285,15 @@ class UpstreamClient:
                         retry_allowed = False  # once,
                         retrying = True  # on a fresh connection
         except BaseException:
-            self.done(deadline)
+            if deadline is not None:
+                deadline.cancel()
+            if holding_slot:
+                self._slots.release()
             raise
 
     async def _exchange(
         self,
-        protocol: ResponseHandler,
+        protocol: _UpstreamProtocol,
         endpoint: Endpoint,
         method: str,
         target: str,
@@ -312,7 +335,11 @@ class UpstreamClient:
                 if message.code == 101:
                     # Upgrade is hop-by-hop and never forwarded: a 101 is bogus.
                     raise HttpProcessingError(message="unrequested 101")
-                # 1xx interim answers (100, 103) are not relayed.
+                # 1xx interim answers (100, 103) are not relayed. The protocol
+                # stopped the read timer at their end (a message without a
+                # body): the final answer is awaited under it again.
+                if sender is None or sender.done():
+                    protocol.start_timeout()
         except BaseException:
             if sender is not None:
                 sender.cancel()
@@ -323,7 +350,7 @@ class UpstreamClient:
 
     async def _connect(
         self, endpoint: Endpoint, timeout: float | None, loop: asyncio.AbstractEventLoop
-    ) -> ResponseHandler:
+    ) -> _UpstreamProtocol:
         try:
             async with asyncio.timeout(timeout):
                 _, protocol = await loop.create_connection(
@@ -343,7 +370,7 @@ class UpstreamClient:
 
     def _take_idle(
         self, endpoint: Endpoint, loop: asyncio.AbstractEventLoop
-    ) -> ResponseHandler | None:
+    ) -> _UpstreamProtocol | None:
         idle = self._idle.get(endpoint)
         if not idle:
             return None
@@ -355,8 +382,11 @@ class UpstreamClient:
             protocol.close()
         return None
 
-    def park(self, endpoint: Endpoint, protocol: ResponseHandler) -> None:
+    def park(self, endpoint: Endpoint, protocol: _UpstreamProtocol) -> None:
         """Keep a connection whose exchange ended cleanly for the next request."""
+        # A read timer the request body's end started after the answer was
+        # complete must not fire while idle or during the next upload.
+        protocol._drop_timeout()
         idle = self._idle.get(endpoint)
         if idle is None:
             idle = self._idle[endpoint] = deque()
@@ -369,6 +399,7 @@ class UpstreamClient:
             self._sweep_handle = loop.call_later(self._keepalive, self._sweep)
 
     def done(self, deadline: asyncio.TimerHandle | None) -> None:
+        """A response was released: its total timeout and its slot end."""
         if deadline is not None:
             deadline.cancel()
         self._slots.release()

@@ -67,12 +67,16 @@ class Peer:
     """One connection a RawUpstream accepted, as the server sees it."""
 
     def __init__(
-        self, upstream: RawUpstream, index: int, reader: asyncio.StreamReader, writer: Any
+        self,
+        upstream: RawUpstream,
+        index: int,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
         self.upstream = upstream
         self.index = index
         self._reader = reader
-        self._writer: asyncio.StreamWriter = writer
+        self._writer = writer
         self._buffer = bytearray()
         self.received = bytearray()  # every byte the client sent on this connection
         self.requests: list[RawRequest] = []
@@ -437,11 +441,15 @@ async def test_bodyless_responses_keep_the_connection_in_step() -> None:
 
 
 async def test_chunked_response_is_read_whole_and_the_connection_reused() -> None:
-    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
-    async with raw_upstream(first_answer(chunked, then_serve=True)) as upstream:
-        async with open_client() as client:
-            assert await call(client, upstream.port) == (200, b"abcde")
-            assert await call(client, upstream.port, target="/2") == (200, b"conn0 GET /2")
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
+    async with (
+        raw_upstream(first_answer(chunked, then_serve=True)) as upstream,
+        open_client() as client,
+    ):
+        assert await call(client, upstream.port) == (200, b"abcde")
+        assert await call(client, upstream.port, target="/2") == (200, b"conn0 GET /2")
     assert len(upstream.peers) == 1
 
 
@@ -466,43 +474,42 @@ PARTIAL_RESPONSE = b"HTTP/1.1 200 OK\r\nX-Injected: 1\r\n"
 
 @pytest.mark.parametrize(("first", "read_body"), NOT_REUSABLE.values(), ids=NOT_REUSABLE.keys())
 async def test_connection_is_closed_not_reused(first: bytes, read_body: bool) -> None:
-    async with raw_upstream(first_answer(first, then_serve=False)) as upstream:
-        async with open_client() as client:
-            async with await client.request(
-                "GET", endpoint(upstream.port), "/", host_headers(upstream.port), None, TIMEOUTS
-            ) as response:
-                assert response.status == 200
-                if read_body:
-                    assert await response.content.read() == b"ok"
-            # The first connection is never used again: the client closes it...
-            await guarded(upstream.peers[0].closed_by_client.wait(), "the client to close it")
-            # ...and the next request gets its own answer on a new one.
-            assert await call(client, upstream.port, target="/next") == (200, b"conn1 GET /next")
+    async with (
+        raw_upstream(first_answer(first, then_serve=False)) as upstream,
+        open_client() as client,
+    ):
+        async with await client.request(
+            "GET", endpoint(upstream.port), "/", host_headers(upstream.port), None, TIMEOUTS
+        ) as response:
+            assert response.status == 200
+            if read_body:
+                assert await response.content.read() == b"ok"
+        # The first connection is never used again: the client closes it...
+        await guarded(upstream.peers[0].closed_by_client.wait(), "the client to close it")
+        # ...and the next request gets its own answer on a new one.
+        assert await call(client, upstream.port, target="/next") == (200, b"conn1 GET /next")
     assert len(upstream.peers[0].requests) == 1
 
 
 async def test_unsolicited_partial_response_is_never_taken_for_the_next_answer() -> None:
     first = answer() + PARTIAL_RESPONSE
-    async with raw_upstream(first_answer(first, then_serve=True)) as upstream:
-        async with open_client() as client:
-            assert await call(client, upstream.port) == (200, b"ok")
-            status, body = await call(client, upstream.port, target="/next")
+    async with (
+        raw_upstream(first_answer(first, then_serve=True)) as upstream,
+        open_client() as client,
+    ):
+        assert await call(client, upstream.port) == (200, b"ok")
+        status, body = await call(client, upstream.port, target="/next")
     assert (status, body) in [(200, b"conn0 GET /next"), (200, b"conn1 GET /next")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: release() (line 138) pools a connection that has a partial unsolicited "
-    "response after the message: ResponseHandler.should_close sees only whole extra "
-    "messages (_buffer) and upgrade tails, while a partial one sits in the llhttp parser; "
-    "the comment at line 139 promises 'bytes after the message ... never reused'",
-)
 async def test_connection_with_unsolicited_partial_bytes_is_not_reused() -> None:
     first = answer() + PARTIAL_RESPONSE
-    async with raw_upstream(first_answer(first, then_serve=False)) as upstream:
-        async with open_client() as client:
-            assert await call(client, upstream.port) == (200, b"ok")
-            await guarded(upstream.peers[0].closed_by_client.wait(), "its close", seconds=2)
+    async with (
+        raw_upstream(first_answer(first, then_serve=False)) as upstream,
+        open_client() as client,
+    ):
+        assert await call(client, upstream.port) == (200, b"ok")
+        await guarded(upstream.peers[0].closed_by_client.wait(), "its close", seconds=2)
 
 
 async def test_body_without_framing_ends_when_the_upstream_closes() -> None:
@@ -570,20 +577,17 @@ async def test_failure_on_a_new_connection_is_not_retried() -> None:
     assert upstream.targets() == ["/"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the retry takes another pooled connection (request(), line 193 runs "
-    "_take_idle on every attempt), not a fresh one as line 211 says; when two pooled "
-    "connections are dead (an upstream that restarted, or closed its idle ones) the GET fails",
-)
 async def test_retry_is_on_a_new_connection_even_with_more_dead_ones_pooled() -> None:
     async with raw_upstream(dies_on_reuse(dying=2)) as upstream, open_client() as client:
         first_two = await guarded(
             asyncio.gather(call(client, upstream.port), call(client, upstream.port)), "2 answers"
         )
         assert sorted(first_two) == [(200, b"conn0 GET /"), (200, b"conn1 GET /")]
-        # Both connections are pooled now and both die when reused.
+        # Both connections are pooled now and both die when reused (an upstream restart):
+        # the one retry goes to a new connection, not to the other stale one.
         assert await call(client, upstream.port, target="/again") == (200, b"conn2 GET /again")
+    stale_one, stale_two, fresh = (len(peer.requests) for peer in upstream.peers)
+    assert (sorted([stale_one, stale_two]), fresh) == ([1, 2], 1)
 
 
 # -- what is sent ------------------------------------------------------------------
@@ -628,7 +632,9 @@ async def test_streamed_body_without_length_is_sent_chunked_as_it_arrives(upload
 
     async def serve(peer: Peer) -> None:
         while (request := await peer.read_head()) is not None:
-            while await peer.read_chunk(request):
+            if request.chunk_sizes is None:
+                await peer.read_body(request)
+            while request.chunk_sizes is not None and await peer.read_chunk(request):
                 first_chunk_in.set()
             await peer.send(answer(identify(peer, request)))
 
@@ -681,7 +687,9 @@ async def test_line_breaks_in_the_request_head_are_refused(
 ) -> None:
     async with raw_upstream(keep_alive) as upstream, open_client(connections=1) as client:
         with pytest.raises(ValueError):
-            await call(client, upstream.port, target=target, headers=host_headers(0, extra))
+            await call(
+                client, upstream.port, target=target, headers=host_headers(upstream.port, extra)
+            )
         # The connection opened for it is closed, having carried nothing.
         await guarded(upstream.peers[0].closed_by_client.wait(), "the client to close it")
         # And the refused request gave its slot back (there is only one).
@@ -693,7 +701,9 @@ async def test_line_breaks_in_the_request_head_are_refused(
     assert all(b"X-Injected" not in peer.received for peer in upstream.peers)
 
 
-async def test_a_body_over_its_limit_fails_with_413_and_never_looks_complete(upload: Upload) -> None:
+async def test_body_over_its_limit_is_a_413_and_never_looks_complete(
+    upload: Upload,
+) -> None:
     first_chunk_in = asyncio.Event()
 
     async def serve(peer: Peer) -> None:
@@ -743,36 +753,35 @@ async def test_interim_responses_are_skipped() -> None:
         b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n"
         + answer(b"final", headers="X-Final: yes\r\n")
     )
-    async with raw_upstream(first_answer(interim_then_final, then_serve=True)) as upstream:
-        async with open_client() as client:
-            response = await client.request(
-                "GET", endpoint(upstream.port), "/", host_headers(upstream.port), None, TIMEOUTS
-            )
-            async with response:
-                assert (response.status, response.headers["X-Final"]) == (200, "yes")
-                assert "Link" not in response.headers
-                assert await response.content.read() == b"final"
-            # Nothing of the exchange is left over on the connection.
-            assert await call(client, upstream.port, target="/next") == (200, b"conn0 GET /next")
+    async with (
+        raw_upstream(first_answer(interim_then_final, then_serve=True)) as upstream,
+        open_client() as client,
+    ):
+        response = await client.request(
+            "GET", endpoint(upstream.port), "/", host_headers(upstream.port), None, TIMEOUTS
+        )
+        async with response:
+            assert (response.status, response.headers["X-Final"]) == (200, "yes")
+            assert "Link" not in response.headers
+            assert await response.content.read() == b"final"
+        # Nothing of the exchange is left over on the connection.
+        assert await call(client, upstream.port, target="/next") == (200, b"conn0 GET /next")
 
 
 async def test_unrequested_101_is_refused_and_the_connection_dropped() -> None:
-    switching = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
-    async with raw_upstream(first_answer(switching, then_serve=False)) as upstream:
-        async with open_client() as client:
-            with pytest.raises(HttpProcessingError):
-                await call(client, upstream.port)
-            await guarded(upstream.peers[0].closed_by_client.wait(), "the client to close it")
-            assert await call(client, upstream.port, target="/next") == (200, b"conn1 GET /next")
+    switching = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    )
+    async with (
+        raw_upstream(first_answer(switching, then_serve=False)) as upstream,
+        open_client() as client,
+    ):
+        with pytest.raises(HttpProcessingError):
+            await guarded(call(client, upstream.port), "the refusal")
+        await guarded(upstream.peers[0].closed_by_client.wait(), "the client to close it")
+        assert await call(client, upstream.port, target="/next") == (200, b"conn1 GET /next")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an interim 1xx response stops the read timeout: aiohttp's ResponseHandler "
-    "drops the timer for a message without a body, and _exchange (lines 253-260) goes back "
-    "to protocol.read() without protocol.start_timeout(); with total: null (the default) "
-    "an upstream that sends 103 Early Hints and then nothing holds the request forever",
-)
 async def test_read_timeout_still_runs_after_an_interim_response() -> None:
     async def serve(peer: Peer) -> None:
         await peer.next_request()
@@ -842,21 +851,23 @@ async def test_read_timeout_before_the_answer_is_not_retried() -> None:
 
 async def test_read_timeout_while_reading_the_body() -> None:
     stalled = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n01234"
-    async with raw_upstream(first_answer(stalled, then_serve=False)) as upstream:
-        async with open_client() as client:
-            response = await client.request(
-                "GET",
-                endpoint(upstream.port),
-                "/",
-                host_headers(upstream.port),
-                None,
-                CallTimeouts(5, 0.3, None),
-            )
-            async with response:
-                assert response.status == 200
-                with pytest.raises(aiohttp.ServerTimeoutError):
-                    await guarded(response.content.read(), "a read timeout")
-            await guarded(upstream.peers[0].closed_by_client.wait(), "the client to close it")
+    async with (
+        raw_upstream(first_answer(stalled, then_serve=False)) as upstream,
+        open_client() as client,
+    ):
+        response = await client.request(
+            "GET",
+            endpoint(upstream.port),
+            "/",
+            host_headers(upstream.port),
+            None,
+            CallTimeouts(5, 0.3, None),
+        )
+        async with response:
+            assert response.status == 200
+            with pytest.raises(aiohttp.ServerTimeoutError):
+                await guarded(response.content.read(), "a read timeout")
+        await guarded(upstream.peers[0].closed_by_client.wait(), "the client to close it")
 
 
 async def test_total_timeout_covers_a_body_that_keeps_coming() -> None:
@@ -941,12 +952,14 @@ GARBAGE = {
 
 @pytest.mark.parametrize("garbage", GARBAGE.values(), ids=GARBAGE.keys())
 async def test_malformed_answer_raises_http_processing_error(garbage: bytes) -> None:
-    async with raw_upstream(first_answer(garbage, then_serve=False)) as upstream:
-        async with open_client() as client:
-            with pytest.raises(HttpProcessingError):
-                await call(client, upstream.port)
-            await guarded(upstream.peers[0].closed_by_client.wait(), "the client to close it")
-            assert await call(client, upstream.port, target="/next") == (200, b"conn1 GET /next")
+    async with (
+        raw_upstream(first_answer(garbage, then_serve=False)) as upstream,
+        open_client() as client,
+    ):
+        with pytest.raises(HttpProcessingError):
+            await call(client, upstream.port)
+        await guarded(upstream.peers[0].closed_by_client.wait(), "the client to close it")
+        assert await call(client, upstream.port, target="/next") == (200, b"conn1 GET /next")
 
 
 async def test_body_cut_short_raises_payload_error() -> None:
@@ -972,9 +985,23 @@ async def test_idle_connection_past_keepalive_is_closed_and_not_reused() -> None
         assert await call(client, upstream.port, target="/2") == (200, b"conn1 GET /2")
 
 
+async def test_idle_connection_past_keepalive_is_not_reused_even_before_the_sweep() -> None:
+    """The sweep runs every ``keepalive`` seconds, so a connection can outlive its keep-alive
+    time in the pool by up to that much: taking one must check its age itself."""
+    keepalive = 0.4
+    async with raw_upstream(keep_alive) as upstream, open_client(keepalive=keepalive) as client:
+        assert await call(client, upstream.port) == (200, b"conn0 GET /")  # sweeps: +0.4, +0.8
+        await asyncio.sleep(keepalive / 2)
+        assert await call(client, upstream.port, target="/2") == (200, b"conn0 GET /2")
+        # Idle since +0.2, conn0 outlives the sweep at +0.4; at +0.7 it is past its
+        # keep-alive time but (unless this machine stalls for 0.1 s) not yet swept.
+        await asyncio.sleep(keepalive * 1.25)
+        assert await call(client, upstream.port, target="/3") == (200, b"conn1 GET /3")
+        await guarded(upstream.peers[0].closed_by_client.wait(), "the expired one's close")
+
+
 async def test_close_closes_idle_connections_and_in_use_ones_on_release() -> None:
-    async with raw_upstream(keep_alive) as upstream:
-        client = UpstreamClient()
+    async with raw_upstream(keep_alive) as upstream, open_client() as client:
         held = await client.request(
             "GET", endpoint(upstream.port), "/held", host_headers(upstream.port), None, TIMEOUTS
         )
@@ -1014,13 +1041,6 @@ async def test_connection_limit_queues_the_extra_request_until_a_release() -> No
     assert len(upstream.peers) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the wait for a free slot (request(), line 182) comes before the total "
-    "timeout starts (line 186), so a call queued behind `connections` busy ones waits "
-    "without limit; CallTimeouts.total is 'the whole call' (and ClientSession's total "
-    "covered its pool wait)",
-)
 async def test_total_timeout_covers_the_wait_for_a_free_connection() -> None:
     async with raw_upstream(keep_alive) as upstream, open_client(connections=1) as client:
         held = await client.request(
