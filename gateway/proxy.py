@@ -123,10 +123,11 @@ class Upstream:
         url = URL(route.upstream)
         timeouts = route.timeouts.over(server_timeouts)
         tls = tls_context(route.tls.verify, route.tls.ca_file) if url.scheme == "https" else None
-        assert url.raw_host is not None and url.port is not None  # config validation
+        host, port, host_header = url.raw_host, url.port, url.host_port_subcomponent
+        assert host is not None and port is not None and host_header is not None  # validated
         return cls(
-            endpoint=Endpoint(url.raw_host, url.port, tls),
-            host_header=url.host_port_subcomponent or url.raw_host,
+            endpoint=Endpoint(host, port, tls),
+            host_header=host_header,
             base_path=url.raw_path,
             timeouts=CallTimeouts(timeouts.connect, timeouts.read, timeouts.total),
             inject_headers=dict(route.inject_headers),
@@ -223,18 +224,13 @@ def upstream_failure(exc: Exception, body: RequestBody | None) -> GatewayError:
 
 
 def map_client_error(exc: BaseException) -> UpstreamFailure:
-    if isinstance(exc, UpstreamFailure):
-        return exc
-    # aiohttp's read timeouts are TimeoutError subclasses.
-    if isinstance(exc, TimeoutError):
+    """The SPEC §4.4 error for what the upstream client raised once connected
+    (connecting fails with an UpstreamFailure of its own)."""
+    if isinstance(exc, TimeoutError):  # aiohttp's read timeout is one too
         return upstream_failure_of("timeout")
-    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+    if isinstance(exc, ssl.SSLError):
         return upstream_failure_of("tls")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return upstream_failure_of("connect")
-    if isinstance(
-        exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError | HttpProcessingError
-    ):
+    if isinstance(exc, aiohttp.ClientPayloadError | HttpProcessingError):
         return upstream_failure_of("protocol")
     return upstream_failure_of("reset")
 

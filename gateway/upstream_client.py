@@ -11,7 +11,11 @@ serialisation that refuses control characters, chunked framing) — and does
 the per-request orchestration itself: one connection pool per endpoint, the
 request line and framing headers, the body sent alongside the wait for the
 answer, and one retry of an idempotent request whose reused connection the
-upstream had closed (RFC 9112 §9.3.1), as ``ClientSession`` does.
+upstream had closed (RFC 9112 §9.3.1). Unlike ``ClientSession``, which
+retried any idempotent request once but never one with a streamed body, the
+retry happens only on a reused connection and replays a body the
+``RequestBody`` still holds. Connections are opened with happy eyeballs
+(aiohappyeyeballs, as aiohttp does) and resolved addresses kept for 60 s.
 
 The auth endpoints (login, refresh) still use ``ClientSession``: they are
 rare and want its JSON helpers.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import socket
 import ssl
 from collections import deque
 from collections.abc import AsyncIterator
@@ -31,25 +36,30 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import aiohappyeyeballs
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
-from aiohttp.helpers import BaseTimerContext, TimeoutHandle
+from aiohttp.helpers import _EXC_SENTINEL as _NO_CAUSE
+from aiohttp.helpers import BaseTimerContext, TimeoutHandle, TimerNoop, set_exception
 from aiohttp.http import RawResponseMessage, StreamWriter
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.errors import GatewayError, upstream_failure_of
+from gateway.errors import upstream_failure_of
 
 if TYPE_CHECKING:
     from gateway.proxy import RequestBody
 
-# RFC 9110 §9.2.2; the methods aiohttp's ClientSession retries on a dead connection.
+# RFC 9110 §9.2.2.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Methods whose requests are sent without Content-Length when they have no body
 # (every other one gets ``Content-Length: 0``, which some servers require).
 _LENGTHLESS_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 KEEPALIVE_SECONDS = 15.0  # aiohttp's default: idle connections older than this are closed
 READ_BUFSIZE = 2**16
+DNS_TTL_SECONDS = 60.0  # aiohttp's ttl_dns_cache as the gateway configured it
+HAPPY_EYEBALLS_DELAY = 0.25  # aiohttp's: the next address is tried after this long
+_NO_TIMER = TimerNoop()
 
 
 @functools.cache
@@ -59,8 +69,10 @@ def tls_context(verify: bool = True, ca_file: Path | None = None) -> ssl.SSLCont
         context = ssl.create_default_context()
         context.check_hostname = False
         context.verify_mode = ssl.CERT_NONE
-        return context
-    return ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
+    else:
+        context = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
+    context.set_alpn_protocols(["http/1.1"])
+    return context
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +108,22 @@ class _UpstreamProtocol(ResponseHandler):
         super().__init__(loop)
         self._watching = False  # an answer is awaited: silence counts
         self._last_read = 0.0
+        self.parked = False  # idle in the pool: nothing was asked
+
+    def data_received(self, data: bytes) -> None:
+        if self.parked:
+            # Bytes nobody asked for (a stray or planted response) must never
+            # be read as the next request's answer: the connection goes.
+            self.close()
+            return
+        super().data_received(data)
+
+    def set_exception(self, exc: BaseException, exc_cause: BaseException = _NO_CAUSE) -> None:
+        super().set_exception(exc, exc_cause)
+        if isinstance(exc, HttpProcessingError):
+            # A malformed chunk mid-body: aiohttp tells only the next read()
+            # of a message, not the body being streamed, which would wait forever.
+            self._fail_body(exc)
 
     def _reschedule_timeout(self) -> None:
         timeout = self._read_timeout
@@ -140,10 +168,24 @@ class _UpstreamProtocol(ResponseHandler):
             return True
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        body = self._payload
         super().connection_lost(exc)
+        if body is not None:
+            self._fail_body(exc, body)
         if self._read_timeout_handle is not None:  # do not keep a closed connection alive
             self._read_timeout_handle.cancel()
             self._read_timeout_handle = None
+
+    def _fail_body(
+        self, cause: BaseException | None, body: aiohttp.StreamReader | None = None
+    ) -> None:
+        body = body if body is not None else self._payload
+        if body is not None and not body.is_eof() and body.exception() is None:
+            set_exception(
+                body,
+                aiohttp.ClientPayloadError("the upstream's body broke off"),
+                cause if cause is not None else _NO_CAUSE,
+            )
 
 
 class UpstreamResponse:
@@ -229,6 +271,9 @@ class UpstreamClient:
         # Idle connections per endpoint, oldest first, with the time they went idle.
         self._idle: dict[Endpoint, deque[tuple[_UpstreamProtocol, float]]] = {}
         self._sweep_handle: asyncio.TimerHandle | None = None
+        self._addresses: dict[
+            tuple[str, int], tuple[float, list[aiohappyeyeballs.AddrInfoType]]
+        ] = {}
         self._closed = False
 
     async def request(
@@ -321,9 +366,15 @@ class UpstreamClient:
             writer.set_eof()
             protocol.start_timeout()
         else:
-            if "Content-Length" not in headers:
+            length = headers.get("Content-Length")
+            if length is None:
                 headers["Transfer-Encoding"] = "chunked"
                 writer.enable_chunking()
+            else:
+                # Never more than declared: extra bytes would be a second request
+                # to the upstream (the listener's parser already holds the client
+                # to its length; this keeps it true whatever feeds the body).
+                writer.length = int(length)
             await writer.write_headers(f"{method} {target} HTTP/1.1", headers)
             # Sent alongside the wait: an upstream may answer before reading it all.
             sender = loop.create_task(_send_body(writer, body.stream(), protocol))
@@ -332,6 +383,8 @@ class UpstreamClient:
                 message, content = await protocol.read()
                 if message.code >= 200:
                     break
+                if message.code < 100:
+                    raise HttpProcessingError(message="status below 100")
                 if message.code == 101:
                     # Upgrade is hop-by-hop and never forwarded: a 101 is bogus.
                     raise HttpProcessingError(message="unrequested 101")
@@ -351,22 +404,47 @@ class UpstreamClient:
     async def _connect(
         self, endpoint: Endpoint, timeout: float | None, loop: asyncio.AbstractEventLoop
     ) -> _UpstreamProtocol:
+        sock: socket.socket | None = None
         try:
             async with asyncio.timeout(timeout):
+                addresses = await self._resolve(endpoint, loop)
+                sock = await aiohappyeyeballs.start_connection(
+                    addresses, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY, interleave=1, loop=loop
+                )
                 _, protocol = await loop.create_connection(
                     lambda: _UpstreamProtocol(loop),
-                    endpoint.host,
-                    endpoint.port,
+                    sock=sock,
                     ssl=endpoint.tls,
-                    server_hostname=endpoint.host if endpoint.tls is not None else None,
+                    # A fully qualified name's dot is not in its certificate.
+                    server_hostname=endpoint.host.rstrip(".") if endpoint.tls else None,
                 )
-        except TimeoutError:
-            raise upstream_failure_of("timeout") from None
-        except (ssl.SSLError, ssl.CertificateError):
-            raise upstream_failure_of("tls") from None
-        except OSError:
-            raise upstream_failure_of("connect") from None
+        except BaseException as exc:
+            if sock is not None:
+                sock.close()
+            if isinstance(exc, TimeoutError):
+                raise upstream_failure_of("timeout") from None
+            if isinstance(exc, ssl.SSLError | ssl.CertificateError):
+                raise upstream_failure_of("tls") from None
+            if isinstance(exc, OSError):  # refused, unreachable, no such name
+                raise upstream_failure_of("connect") from None
+            raise
         return protocol
+
+    async def _resolve(
+        self, endpoint: Endpoint, loop: asyncio.AbstractEventLoop
+    ) -> list[aiohappyeyeballs.AddrInfoType]:
+        key = (endpoint.host, endpoint.port)
+        cached = self._addresses.get(key)
+        now = loop.time()
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        found: list[aiohappyeyeballs.AddrInfoType] = list(
+            await loop.getaddrinfo(
+                endpoint.host, endpoint.port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
+        )
+        self._addresses[key] = (now + DNS_TTL_SECONDS, found)
+        return found
 
     def _take_idle(
         self, endpoint: Endpoint, loop: asyncio.AbstractEventLoop
@@ -378,6 +456,7 @@ class UpstreamClient:
         while idle:
             protocol, since = idle.pop()  # the most recently used: likeliest alive
             if since >= oldest_allowed and protocol.is_connected() and not protocol.should_close:
+                protocol.parked = False
                 return protocol
             protocol.close()
         return None
@@ -394,6 +473,7 @@ class UpstreamClient:
             protocol.close()
             return
         loop = asyncio.get_running_loop()
+        protocol.parked = True
         idle.append((protocol, loop.time()))
         if self._sweep_handle is None:
             self._sweep_handle = loop.call_later(self._keepalive, self._sweep)
@@ -409,11 +489,14 @@ class UpstreamClient:
         self._sweep_handle = None
         loop = asyncio.get_running_loop()
         oldest_allowed = loop.time() - self._keepalive
+        oldest_left: float | None = None
         for idle in self._idle.values():
             while idle and (idle[0][1] < oldest_allowed or not idle[0][0].is_connected()):
                 idle.popleft()[0].close()
-        if any(self._idle.values()):
-            self._sweep_handle = loop.call_later(self._keepalive, self._sweep)
+            if idle and (oldest_left is None or idle[0][1] < oldest_left):
+                oldest_left = idle[0][1]
+        if oldest_left is not None:  # next due when the oldest one left expires
+            self._sweep_handle = loop.call_at(oldest_left + self._keepalive, self._sweep)
 
     async def close(self) -> None:
         """Close every idle connection; connections in use close when released."""
@@ -426,20 +509,9 @@ class UpstreamClient:
                 idle.pop()[0].close()
 
 
-class _NoTimer:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc_info: object) -> None:
-        return None
-
-
-_NO_TIMER = _NoTimer()
-
-
 def _connection_died(exc: BaseException) -> bool:
     """A reused connection that failed before any answer: safe to try once more."""
-    if isinstance(exc, TimeoutError | GatewayError | HttpProcessingError):
+    if isinstance(exc, TimeoutError):  # the upstream is slow, not gone
         return False
     return isinstance(exc, aiohttp.ClientConnectionError | OSError)
 

@@ -525,6 +525,35 @@ async def test_body_without_framing_ends_when_the_upstream_closes() -> None:
         assert await call(client, upstream.port, target="/2") == (200, b"conn1 GET /2")
 
 
+async def test_bytes_arriving_on_an_idle_connection_close_it() -> None:
+    """A stray head sent while the connection sits in the pool, and its end after the
+    next request went out, must never become that request's answer (it would be
+    another user's)."""
+    parked = asyncio.Event()
+    stray_sent = asyncio.Event()
+
+    async def serve(peer: Peer) -> None:
+        if peer.index > 0:
+            await keep_alive(peer)
+            return
+        await peer.next_request()
+        await peer.send(answer())
+        await parked.wait()
+        await peer.send(b"HTTP/1.1 200 OK\r\nX-Pad: ")  # while idle
+        stray_sent.set()
+        if await peer.next_request() is not None:  # a wrongly reused connection
+            await peer.send(b"1\r\nContent-Length: 4\r\n\r\nEVIL")
+        await peer.read_until_closed()
+
+    async with raw_upstream(serve) as upstream, open_client() as client:
+        assert await call(client, upstream.port) == (200, b"ok")  # released: pooled
+        parked.set()
+        await guarded(stray_sent.wait(), "the stray bytes")
+        await guarded(upstream.peers[0].closed_by_client.wait(), "the idle connection to close")
+        assert await call(client, upstream.port, target="/next") == (200, b"conn1 GET /next")
+    assert len(upstream.peers[0].requests) == 1
+
+
 # -- a reused connection the upstream had closed: one retry --------------------------
 
 
@@ -971,6 +1000,59 @@ async def test_body_cut_short_raises_payload_error() -> None:
     async with raw_upstream(serve) as upstream, open_client() as client:
         with pytest.raises(aiohttp.ClientPayloadError):
             await call(client, upstream.port)
+
+
+async def test_a_malformed_chunk_mid_body_fails_the_body_at_once() -> None:
+    """aiohttp reports a parse error to the next read() of a message only; the body
+    being streamed must fail too, not wait for a total timeout that may never come."""
+
+    async def serve(peer: Peer) -> None:
+        await peer.next_request()
+        await peer.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        await peer.upstream.wait_for_requests(1)
+        await first_chunk_read.wait()
+        await peer.send(b"zz\r\nnot a chunk\r\n")
+        await peer.read_until_closed()
+
+    first_chunk_read = asyncio.Event()
+    timeouts = CallTimeouts(connect=5, read=None, total=None)  # nothing else would end it
+    async with raw_upstream(serve) as upstream, open_client() as client:
+        response = await client.request(
+            "GET", endpoint(upstream.port), "/", host_headers(upstream.port), None, timeouts
+        )
+        async with response:
+            assert await response.content.readany() == b"hello"
+            first_chunk_read.set()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await guarded(response.content.readany(), "the body to fail")
+
+
+async def test_a_status_below_100_is_refused() -> None:
+    async with (
+        raw_upstream(first_answer(answer(status="099 Odd"), then_serve=False)) as upstream,
+        open_client() as client,
+    ):
+        with pytest.raises(HttpProcessingError):
+            await call(client, upstream.port)
+        await guarded(upstream.peers[0].closed_by_client.wait(), "the client to close it")
+
+
+async def test_a_body_longer_than_its_content_length_is_cut_at_the_length(
+    upload: Upload,
+) -> None:
+    """Whatever feeds the body, no byte past the declared length reaches the upstream
+    (it would be read as a second request)."""
+    body, _ = upload(b"hello", b" worldGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+    headers = host_headers(0, {"Content-Length": "11"})
+    async with raw_upstream(keep_alive) as upstream, open_client() as client:
+        headers["Host"] = f"127.0.0.1:{upstream.port}"
+        assert await call(client, upstream.port, "PUT", headers=headers, body=body) == (
+            200,
+            b"conn0 PUT /",
+        )
+        assert await call(client, upstream.port, target="/next") == (200, b"conn0 GET /next")
+    assert upstream.targets() == ["/", "/next"]
+    assert bytes(upstream.requests[0].body) == b"hello world"
 
 
 # -- the pool ----------------------------------------------------------------------
