@@ -342,6 +342,12 @@ async def call(
         return response.status, await response.content.read()
 
 
+async def dropped_and_replaced(client: UpstreamClient, upstream: RawUpstream) -> None:
+    """The client closed the first connection, and the next request is answered on a new one."""
+    await guarded(upstream.peers[0].closed_by_client.wait(), "the client to close it")
+    assert await call(client, upstream.port, target="/next") == (200, b"conn1 GET /next")
+
+
 @contextlib.asynccontextmanager
 async def open_client(**options: Any) -> AsyncIterator[UpstreamClient]:
     client = UpstreamClient(**options)
@@ -769,8 +775,7 @@ async def test_an_answer_before_the_whole_body_closes_the_connection(upload: Upl
     async with raw_upstream(serve) as upstream, open_client() as client:
         assert await call(client, upstream.port, "POST", body=body) == (413, b"too big")
         # Mid-request, the connection cannot carry another one.
-        await guarded(upstream.peers[0].closed_by_client.wait(), "the client to close it")
-        assert await call(client, upstream.port, target="/next") == (200, b"conn1 GET /next")
+        await dropped_and_replaced(client, upstream)
 
 
 # -- interim responses -------------------------------------------------------------
@@ -807,8 +812,7 @@ async def test_unrequested_101_is_refused_and_the_connection_dropped() -> None:
     ):
         with pytest.raises(HttpProcessingError):
             await guarded(call(client, upstream.port), "the refusal")
-        await guarded(upstream.peers[0].closed_by_client.wait(), "the client to close it")
-        assert await call(client, upstream.port, target="/next") == (200, b"conn1 GET /next")
+        await dropped_and_replaced(client, upstream)
 
 
 async def test_read_timeout_still_runs_after_an_interim_response() -> None:
@@ -987,8 +991,7 @@ async def test_malformed_answer_raises_http_processing_error(garbage: bytes) -> 
     ):
         with pytest.raises(HttpProcessingError):
             await call(client, upstream.port)
-        await guarded(upstream.peers[0].closed_by_client.wait(), "the client to close it")
-        assert await call(client, upstream.port, target="/next") == (200, b"conn1 GET /next")
+        await dropped_and_replaced(client, upstream)
 
 
 async def test_body_cut_short_raises_payload_error() -> None:
@@ -1138,18 +1141,6 @@ async def test_total_timeout_covers_the_wait_for_a_free_connection() -> None:
 
 
 # -- TLS ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ca() -> trustme.CA:
-    return trustme.CA()
-
-
-@pytest.fixture
-def ca_file(ca: trustme.CA, tmp_path: Path) -> Path:
-    path = tmp_path / "ca.pem"
-    ca.cert_pem.write_to_path(str(path))
-    return path
 
 
 @pytest.fixture
