@@ -20,8 +20,10 @@ retry happens only on a reused connection and replays a body the
 The auth endpoints (login, refresh) still use ``ClientSession``: they are
 rare and want its JSON helpers.
 
-``ResponseHandler`` and ``TimeoutHandle`` are aiohttp internals; pyproject pins
-aiohttp below its next minor version for that reason.
+``aiohttp.client_proto.ResponseHandler`` and the timer helpers of
+``aiohttp.helpers`` are aiohttp internals; pyproject pins aiohttp below its
+next minor version for that reason, and tests/integration/test_upstream_client.py
+is what an upgrade must pass.
 """
 
 from __future__ import annotations
