@@ -265,7 +265,8 @@ class Gateway:
             # wait for a body the client may never send (Expect: 100-continue).
             response.force_close()
         cookies: CIMultiDict[str] = CIMultiDict()
-        # The error itself may be the store's: then answer without cookies.
+        # The error itself may be the store's: then answer without cookies
+        # (gathered apart, so that a store failing midway adds none).
         with contextlib.suppress(StoreUnavailable):
             await self.add_session_cookies(cookies, ctx)
             response.headers.extend(cookies)

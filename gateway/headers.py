@@ -134,8 +134,8 @@ def upstream_request_headers(
     """Headers for the upstream request.
 
     ``drop`` holds extra lower-case names to remove (the CSRF header; and
-    ``authorization`` on a session route). ``Host`` is left out: the HTTP
-    client sets the upstream's own.
+    ``authorization`` on a session route). ``Host`` is left out: the caller
+    sets the upstream's own (``Upstream.host_header``).
     """
     named = connection_named(incoming)
     out: CIMultiDict[str] = CIMultiDict()

@@ -126,7 +126,7 @@ async def gateway_listeners(
         access_log=None,
     )
     public = web.ServerRunner(server, shutdown_timeout=config.server.shutdown_timeout)
-    health = Health(store.ping, checks=_redis_checks(redis, config))
+    health = Health(store.ping, checks=_redis_checks(redis, config, store_pings_it=True))
     admin: web.BaseRunner | None = None
     try:
         await public.setup()
@@ -159,12 +159,17 @@ async def gateway_listeners(
             await redis.aclose()
 
 
-def _redis_checks(redis: Redis | None, config: Config) -> list[tuple[str, ReadyCheck]]:
-    """Readiness needs Redis whenever it is configured: as the session store (then the
-    store's own ping covers it) or only for cluster-wide refresh coordination."""
-    if redis is None or config.session.store == "redis":
+def _redis_checks(
+    redis: Redis | None, config: Config, *, store_pings_it: bool
+) -> list[tuple[str, ReadyCheck]]:
+    """Readiness needs Redis whenever it is configured: as the session store or only
+    for cluster-wide refresh coordination. A process with a Redis session store of
+    its own leaves it to the store's ping; the supervisor has none and pings itself."""
+    as_store = config.session.store == "redis"
+    if redis is None or (as_store and store_pings_it):
         return []
-    return [("redis unreachable", functools.partial(redis_ping, redis))]
+    reason = "session store unreachable" if as_store else "redis unreachable"
+    return [(reason, functools.partial(redis_ping, redis))]
 
 
 async def start_admin(listen: Listen, health: Health, exposition: Exposition) -> web.BaseRunner:
@@ -332,14 +337,12 @@ async def supervise(config: Config, workers: int) -> None:
     stop = _stop_event(signal.SIGTERM, signal.SIGINT)
     pool = _Pool(config, workers)
     redis = connect_redis(config.session.redis_url) if config.session.redis_url else None
-    checks: list[tuple[str, ReadyCheck]] = [("workers not serving", pool.serving)]
-    if redis is not None:
-        # The supervisor has no session store of its own: it pings Redis itself.
-        reason = (
-            "session store unreachable" if config.session.store == "redis" else "redis unreachable"
-        )
-        checks.append((reason, functools.partial(redis_ping, redis)))
-    health = Health(checks=checks)
+    health = Health(
+        checks=[
+            ("workers not serving", pool.serving),
+            *_redis_checks(redis, config, store_pings_it=False),
+        ]
+    )
     admin: web.BaseRunner | None = None
     failure: str | None = None
     try:

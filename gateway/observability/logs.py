@@ -185,10 +185,7 @@ class _AccessSink:
         # the next line on another loop schedules again.
         self.flush_loop: asyncio.AbstractEventLoop | None = None
 
-    def write(self, access: AccessRecord) -> bool:
-        handlers = logging.root.handlers
-        if len(handlers) != 1 or handlers[0] is not self.handler:
-            return False  # someone reconfigured logging: take the ordinary path
+    def write(self, access: AccessRecord) -> None:
         line = self.format(access, time.time(), self.pid)
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -201,7 +198,6 @@ class _AccessSink:
             elif self.flush_loop is not loop:
                 self.flush_loop = loop
                 loop.call_soon(self.flush)
-        return True
 
     def flush(self) -> None:
         with self.handler.lock:  # type: ignore[union-attr]
@@ -229,9 +225,13 @@ ACCESS = logging.getLogger("bff.access")
 _sink: _AccessSink | None = None
 
 
-def _only_root_handles_access() -> bool:
-    """Records of ``bff.access`` reach the root logger's handlers and no other
-    (tests add handlers on the way, or stop propagation)."""
+def _sink_owns_access(sink: _AccessSink) -> bool:
+    """Records of ``bff.access`` would reach the sink's handler and no other: it is
+    the root logger's only handler, and none sits on the way (tests add handlers
+    on the way, or stop propagation; anyone may reconfigure logging)."""
+    handlers = logging.root.handlers
+    if len(handlers) != 1 or handlers[0] is not sink.handler:
+        return False
     logger: logging.Logger | None = ACCESS
     while logger is not None and logger is not logging.root:
         if logger.handlers or not logger.propagate:
@@ -248,7 +248,8 @@ def log_access(access: AccessRecord) -> None:
     else (tests, embedding) the record takes the ordinary logging path.
     """
     sink = _sink
-    if sink is not None and _only_root_handles_access() and sink.write(access):
+    if sink is not None and _sink_owns_access(sink):
+        sink.write(access)
         return
     ACCESS.info("request", extra={"access": access})
 

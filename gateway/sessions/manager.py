@@ -33,9 +33,8 @@ class SessionState:
 
     cookie_name: str
     present: list[str]  # cookie names of this session the browser sent (all chunks)
-    handle: bytes | None = field(
-        default=None, repr=False
-    )  # the cookie store's handle is the session
+    # The store's handle (with the cookie store, the whole session): never in a repr.
+    handle: bytes | None = field(default=None, repr=False)
     session: Session | None = None
     absent: Absent | None = None
     dirty: bool = False  # the cookie must be written on this response
