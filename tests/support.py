@@ -22,6 +22,7 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config import Config, load_config_text
 from gateway.observability.logs import JsonFormatter
@@ -128,6 +129,32 @@ def error_of(body: bytes) -> str:
     return str(json.loads(body)["error"])
 
 
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """Every line of ``text`` (a process's output, a captured log), each of which must be
+    a JSON object: any other line fails the test."""
+    entries = []
+    for line in text.splitlines():
+        entry = json.loads(line)
+        assert isinstance(entry, dict), line
+        entries.append(entry)
+    return entries
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse_metrics(text: str) -> tuple[Samples, dict[str, str]]:
+    """Prometheus text, parsed by prometheus-client: samples keyed by (sample name,
+    labels) and each family's declared type."""
+    samples: Samples = {}
+    types: dict[str, str] = {}
+    for family in text_string_to_metric_families(text):
+        types[family.name] = family.type
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples, types
+
+
 @contextlib.contextmanager
 def handler_attached(
     handler: logging.Handler, logger: str = "", level: int | None = None
@@ -196,6 +223,12 @@ class GatewayProcess(_Addresses):
                 time.sleep(0.05)
         raise RuntimeError("gateway did not become ready")
 
+    def kill(self) -> None:
+        """Kill the process if it still runs (a test's cleanup, whatever happened)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
     def stop(self) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:
@@ -215,14 +248,32 @@ def gateway_process(data: dict[str, Any], tmp: Path, *args: str) -> Iterator[Gat
     try:
         yield process
     finally:
-        if process.proc is not None and process.proc.poll() is None:
-            process.proc.kill()
-            process.proc.wait()
+        process.kill()
+
+
+@contextlib.asynccontextmanager
+async def async_gateway_process(
+    data: dict[str, Any], tmp: Path, *args: str
+) -> AsyncIterator[GatewayProcess]:
+    """gateway_process for async tests: the start (a wait for /readyz) runs in a thread, so
+    that upstreams served by the test's own event loop keep answering meanwhile."""
+    process = GatewayProcess(data, tmp)
+    try:
+        await asyncio.to_thread(process.start, *args)
+        yield process
+    finally:
+        process.kill()
 
 
 async def get_json(session: aiohttp.ClientSession, url: str, **kw: Any) -> tuple[int, Any]:
     async with session.get(url, **kw) as response:
         return response.status, await response.json(content_type=None)
+
+
+async def fetch(session: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
+    """GET ``url``: (status, body)."""
+    async with session.get(url) as response:
+        return response.status, await response.read()
 
 
 class RssSampler:
@@ -267,6 +318,14 @@ class RssSampler:
 def pid_of(process: GatewayProcess) -> int:
     assert process.proc is not None and process.proc.poll() is None
     return process.proc.pid
+
+
+class Hold:
+    """An upstream handler parks here: it sets ``arrived`` and waits for ``release``."""
+
+    def __init__(self) -> None:
+        self.arrived = asyncio.Event()
+        self.release = asyncio.Event()
 
 
 async def reached(event: asyncio.Event, *tasks: asyncio.Task[Any], timeout: float = 10) -> None:

@@ -17,31 +17,27 @@ import aiohttp
 import psutil
 import pytest
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.demo.api import STATS_KEY, create_demo_api
 from gateway.observability.metrics import Metrics
-from tests.support import config_dict, free_port, reached, running_app, running_gateway
+from tests.session_support import demo_provider
+from tests.support import (
+    Hold,
+    Samples,
+    config_dict,
+    fetch,
+    free_port,
+    parse_metrics,
+    reached,
+    running_app,
+    running_gateway,
+)
 
 TIMEOUT = aiohttp.ClientTimeout(total=30)  # a misbehaving gateway fails a test, never hangs it
 
 ADMIN_PATHS = ("/healthz", "/readyz", "/metrics")
 
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
 # -- helpers -----------------------------------------------------------------
-
-
-def parse_metrics(text: str) -> tuple[Samples, dict[str, str]]:
-    """Samples keyed by (sample name, labels) and each family's declared type."""
-    samples: Samples = {}
-    types: dict[str, str] = {}
-    for family in text_string_to_metric_families(text):
-        types[family.name] = family.type
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples, types
 
 
 def value(samples: Samples, name: str, **labels: str) -> float:
@@ -62,14 +58,6 @@ async def scrape(admin_url: str) -> tuple[Samples, dict[str, str]]:
         assert answer.status == 200
         assert answer.content_type == "text/plain"
         return parse_metrics(await answer.text())
-
-
-class Hold:
-    """An upstream handler parks here until the test releases it."""
-
-    def __init__(self) -> None:
-        self.arrived = asyncio.Event()
-        self.release = asyncio.Event()
 
 
 def upstream_app(hold: Hold, stall: asyncio.Event) -> web.Application:
@@ -117,14 +105,7 @@ async def metrics_setup() -> AsyncIterator[dict[str, Any]]:
                 {"path": "/dead/", "upstream": f"http://127.0.0.1:{free_port()}/", "auth": "none"},
                 {"path": "/demo/", "upstream": demo_url + "/", "auth": "demo"},
             ],
-            providers={
-                "demo": {
-                    "type": "password",
-                    "login_url": demo_url + "/auth/login",
-                    "refresh_url": demo_url + "/refresh-token",
-                    "refresh_skew": 30,
-                }
-            },
+            providers={"demo": demo_provider(demo_url, refresh_skew=30)},
         )
         try:
             async with running_gateway(data) as gateway:
@@ -210,11 +191,7 @@ async def test_readyz_turns_503_while_draining_and_the_admin_port_stays_up() -> 
         server = asyncio.create_task(serve())
         gateway = await asyncio.wait_for(ready, 10)
 
-        async def slow_call() -> tuple[int, bytes]:
-            async with client.get(gateway.url + "/api/slow") as answer:
-                return answer.status, await answer.read()
-
-        call = asyncio.create_task(slow_call())
+        call = asyncio.create_task(fetch(client, gateway.url + "/api/slow"))
         await reached(hold.arrived, call)
         leave.set()  # the drain starts: the request is still held upstream
         async with aiohttp.ClientSession(timeout=TIMEOUT) as admin:
@@ -339,11 +316,7 @@ async def test_active_requests_gauge_follows_a_held_request() -> None:
         samples, _ = await scrape(gateway.admin_url)
         assert value(samples, "bff_active_requests") == 0
 
-        async def slow_call() -> tuple[int, bytes]:
-            async with client.get(gateway.url + "/api/slow") as answer:
-                return answer.status, await answer.read()
-
-        call = asyncio.create_task(slow_call())
+        call = asyncio.create_task(fetch(client, gateway.url + "/api/slow"))
         await reached(hold.arrived, call)
         samples, _ = await scrape(gateway.admin_url)
         assert value(samples, "bff_active_requests") == 1

@@ -51,9 +51,6 @@ def chunk(index: int) -> bytes:
     return index.to_bytes(8, "big") + _BASE[8:]
 
 
-# -- measuring the gateway process ----------------------------------------------
-
-
 # -- the upstream -----------------------------------------------------------------
 
 

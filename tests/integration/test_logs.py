@@ -22,12 +22,15 @@ import pytest
 from aiohttp import web
 
 from gateway.demo.api import STATS_KEY, create_demo_api
+from tests.session_support import demo_provider
 from tests.support import (
     TEST_KEY,
     GatewayProcess,
+    async_gateway_process,
     captured_json_logs,
     config_dict,
     free_port,
+    json_lines,
     running_app,
     running_gateway,
 )
@@ -63,15 +66,6 @@ def captured_logs() -> AbstractContextManager[io.StringIO]:
     return captured_json_logs("bff", logging.INFO)
 
 
-def json_lines(text: str) -> list[dict[str, Any]]:
-    entries = []
-    for line in text.splitlines():
-        entry = json.loads(line)  # any non-JSON line fails the test
-        assert isinstance(entry, dict), line
-        entries.append(entry)
-    return entries
-
-
 def requests_of(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [e for e in entries if e["event"] == "request"]
 
@@ -102,14 +96,8 @@ async def stop(process: GatewayProcess) -> int:
 async def plain_gateway_process(tmp_path: Path, **sections: Any) -> AsyncIterator[GatewayProcess]:
     async with running_app(plain_upstream()) as up:
         data = config_dict([{"path": "/api/", "upstream": up + "/", "auth": "none"}], **sections)
-        process = GatewayProcess(data, tmp_path)
-        try:
-            await asyncio.to_thread(process.start)
+        async with async_gateway_process(data, tmp_path) as process:
             yield process
-        finally:
-            if process.proc is not None and process.proc.poll() is None:
-                process.proc.kill()
-                process.proc.wait()
 
 
 # -- in process: the access record --------------------------------------------
@@ -233,23 +221,11 @@ async def test_process_logs_are_json_lines_and_hold_no_secret(tmp_path: Path) ->
                     "inject_query": {"appid": QUERY_SECRET},
                 },
             ],
-            providers={
-                "demo": {
-                    "type": "password",
-                    "login_url": demo_url + "/auth/login",
-                    "refresh_url": demo_url + "/refresh-token",
-                    "refresh_skew": 30,
-                }
-            },
+            providers={"demo": demo_provider(demo_url, refresh_skew=30)},
         )
-        process = GatewayProcess(data, tmp_path)
-        await asyncio.to_thread(process.start)
-        try:
+        async with async_gateway_process(data, tmp_path) as process:
             sent, cookie_values = await _secret_laden_traffic(process.url, stats)
             assert await stop(process) == 0
-        finally:
-            if process.proc is not None and process.proc.poll() is None:
-                process.proc.kill()
     text = process.log()
     entries = json_lines(text)  # every line of stdout (and stderr) is a JSON object
 

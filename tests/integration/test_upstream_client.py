@@ -31,7 +31,13 @@ from yarl import URL
 
 from gateway.errors import GatewayError, UpstreamFailure
 from gateway.proxy import RequestBody
-from gateway.upstream_client import CallTimeouts, Endpoint, UpstreamClient, tls_context
+from gateway.upstream_client import (
+    CallTimeouts,
+    Endpoint,
+    UpstreamClient,
+    UpstreamResponse,
+    tls_context,
+)
 from tests.support import free_port, running_app
 
 T = TypeVar("T")
@@ -342,6 +348,13 @@ async def call(
         return response.status, await response.content.read()
 
 
+async def open_response(
+    client: UpstreamClient, port: int, target: str = "/", timeouts: CallTimeouts = TIMEOUTS
+) -> UpstreamResponse:
+    """GET ``target``: the response, its body unread, for the caller to release."""
+    return await client.request("GET", endpoint(port), target, host_headers(port), None, timeouts)
+
+
 async def dropped_and_replaced(client: UpstreamClient, upstream: RawUpstream) -> None:
     """The client closed the first connection, and the next request is answered on a new one."""
     await guarded(upstream.peers[0].closed_by_client.wait(), "the client to close it")
@@ -484,16 +497,12 @@ async def test_connection_is_closed_not_reused(first: bytes, read_body: bool) ->
         raw_upstream(first_answer(first, then_serve=False)) as upstream,
         open_client() as client,
     ):
-        async with await client.request(
-            "GET", endpoint(upstream.port), "/", host_headers(upstream.port), None, TIMEOUTS
-        ) as response:
+        async with await open_response(client, upstream.port) as response:
             assert response.status == 200
             if read_body:
                 assert await response.content.read() == b"ok"
-        # The first connection is never used again: the client closes it...
-        await guarded(upstream.peers[0].closed_by_client.wait(), "the client to close it")
-        # ...and the next request gets its own answer on a new one.
-        assert await call(client, upstream.port, target="/next") == (200, b"conn1 GET /next")
+        # The first connection is never used again.
+        await dropped_and_replaced(client, upstream)
     assert len(upstream.peers[0].requests) == 1
 
 
@@ -555,8 +564,7 @@ async def test_bytes_arriving_on_an_idle_connection_close_it() -> None:
         assert await call(client, upstream.port) == (200, b"ok")  # released: pooled
         parked.set()
         await guarded(stray_sent.wait(), "the stray bytes")
-        await guarded(upstream.peers[0].closed_by_client.wait(), "the idle connection to close")
-        assert await call(client, upstream.port, target="/next") == (200, b"conn1 GET /next")
+        await dropped_and_replaced(client, upstream)  # the idle connection closed
     assert len(upstream.peers[0].requests) == 1
 
 
@@ -791,10 +799,7 @@ async def test_interim_responses_are_skipped() -> None:
         raw_upstream(first_answer(interim_then_final, then_serve=True)) as upstream,
         open_client() as client,
     ):
-        response = await client.request(
-            "GET", endpoint(upstream.port), "/", host_headers(upstream.port), None, TIMEOUTS
-        )
-        async with response:
+        async with await open_response(client, upstream.port) as response:
             assert (response.status, response.headers["X-Final"]) == (200, "yes")
             assert "Link" not in response.headers
             assert await response.content.read() == b"final"
@@ -888,14 +893,7 @@ async def test_read_timeout_while_reading_the_body() -> None:
         raw_upstream(first_answer(stalled, then_serve=False)) as upstream,
         open_client() as client,
     ):
-        response = await client.request(
-            "GET",
-            endpoint(upstream.port),
-            "/",
-            host_headers(upstream.port),
-            None,
-            CallTimeouts(5, 0.3, None),
-        )
+        response = await open_response(client, upstream.port, timeouts=CallTimeouts(5, 0.3, None))
         async with response:
             assert response.status == 200
             with pytest.raises(aiohttp.ServerTimeoutError):
@@ -916,7 +914,7 @@ async def test_total_timeout_covers_a_body_that_keeps_coming() -> None:
         finally:
             watch.cancel()
 
-    async def read_all(response: Any) -> int:
+    async def read_all(response: UpstreamResponse) -> int:
         received = 0
         while chunk := await response.content.readany():
             received += len(chunk)
@@ -924,14 +922,7 @@ async def test_total_timeout_covers_a_body_that_keeps_coming() -> None:
 
     async with raw_upstream(trickle) as upstream, open_client() as client:
         started = time.monotonic()
-        response = await client.request(
-            "GET",
-            endpoint(upstream.port),
-            "/",
-            host_headers(upstream.port),
-            None,
-            CallTimeouts(5, 5, 0.5),
-        )
+        response = await open_response(client, upstream.port, timeouts=CallTimeouts(5, 5, 0.5))
         async with response:
             assert response.status == 200
             with pytest.raises(TimeoutError) as raised:
@@ -1020,9 +1011,7 @@ async def test_a_malformed_chunk_mid_body_fails_the_body_at_once() -> None:
     first_chunk_read = asyncio.Event()
     timeouts = CallTimeouts(connect=5, read=None, total=None)  # nothing else would end it
     async with raw_upstream(serve) as upstream, open_client() as client:
-        response = await client.request(
-            "GET", endpoint(upstream.port), "/", host_headers(upstream.port), None, timeouts
-        )
+        response = await open_response(client, upstream.port, timeouts=timeouts)
         async with response:
             assert await response.content.readany() == b"hello"
             first_chunk_read.set()
@@ -1087,9 +1076,7 @@ async def test_idle_connection_past_keepalive_is_not_reused_even_before_the_swee
 
 async def test_close_closes_idle_connections_and_in_use_ones_on_release() -> None:
     async with raw_upstream(keep_alive) as upstream, open_client() as client:
-        held = await client.request(
-            "GET", endpoint(upstream.port), "/held", host_headers(upstream.port), None, TIMEOUTS
-        )
+        held = await open_response(client, upstream.port, target="/held")
         assert await call(client, upstream.port, target="/done") == (200, b"conn1 GET /done")
         await client.close()
         # The idle connection is closed at once; the one in use stays usable...
@@ -1103,13 +1090,10 @@ async def test_close_closes_idle_connections_and_in_use_ones_on_release() -> Non
 
 async def test_connection_limit_queues_the_extra_request_until_a_release() -> None:
     async with raw_upstream(keep_alive) as upstream, open_client(connections=2) as client:
-
-        async def open_call(target: str) -> Any:
-            return await client.request(
-                "GET", endpoint(upstream.port), target, host_headers(upstream.port), None, TIMEOUTS
-            )
-
-        calls = [asyncio.create_task(open_call(f"/{n}")) for n in (1, 2, 3)]
+        calls = [
+            asyncio.create_task(open_response(client, upstream.port, target=f"/{n}"))
+            for n in (1, 2, 3)
+        ]
         # The first two get connections and answers, and are held.
         first, second = await guarded(asyncio.gather(calls[0], calls[1]), "two answers")
         assert not calls[2].done()
@@ -1128,9 +1112,7 @@ async def test_connection_limit_queues_the_extra_request_until_a_release() -> No
 
 async def test_total_timeout_covers_the_wait_for_a_free_connection() -> None:
     async with raw_upstream(keep_alive) as upstream, open_client(connections=1) as client:
-        held = await client.request(
-            "GET", endpoint(upstream.port), "/held", host_headers(upstream.port), None, TIMEOUTS
-        )
+        held = await open_response(client, upstream.port, target="/held")
         async with held:
             with pytest.raises(TimeoutError):
                 await guarded(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import json
 import os
 import shutil
 import signal
@@ -19,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +27,20 @@ import psutil
 import pytest
 import yaml
 from aiohttp import web
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support import REPO, GatewayProcess, config_dict, reached, running_app
+from tests.support import (
+    REPO,
+    GatewayProcess,
+    Hold,
+    Samples,
+    async_gateway_process,
+    config_dict,
+    fetch,
+    json_lines,
+    parse_metrics,
+    reached,
+    running_app,
+)
 
 TIMEOUT = aiohttp.ClientTimeout(total=30)  # a misbehaving gateway fails a test, never hangs it
 
@@ -39,12 +49,6 @@ STREAM_CHUNKS = 16  # after the first one: a 1 MiB+ streamed body
 
 
 # -- helpers -----------------------------------------------------------------
-
-
-class Hold:
-    def __init__(self) -> None:
-        self.arrived = asyncio.Event()
-        self.release = asyncio.Event()
 
 
 class Upstream:
@@ -93,25 +97,20 @@ async def upstream_and_gateway(
     upstream = Upstream()
     async with running_app(upstream.app()) as up:
         data = config_dict([{"path": "/api/", "upstream": up + "/", "auth": "none"}], server=server)
-        process = GatewayProcess(data, tmp_path)
-        try:
-            await asyncio.to_thread(process.start, *args)
-            yield upstream, process
-        finally:
-            upstream.release_all()
-            if process.proc is not None and process.proc.poll() is None:
-                process.proc.kill()
-                process.proc.wait()
+        async with async_gateway_process(data, tmp_path, *args) as process:
+            try:
+                yield upstream, process
+            finally:
+                upstream.release_all()
 
 
-def json_lines(text: str) -> list[dict[str, Any]]:
-    """Every line of the process's output, each of which must be a JSON object."""
-    entries = []
-    for line in text.splitlines():
-        entry = json.loads(line)  # fails the test on any non-JSON line
-        assert isinstance(entry, dict), line
-        entries.append(entry)
-    return entries
+def restarted(
+    gateway: GatewayProcess, tmp_path: Path
+) -> AbstractAsyncContextManager[GatewayProcess]:
+    """Another gateway process from ``gateway``'s config file (the same ports), logging
+    under tmp_path/again."""
+    (tmp_path / "again").mkdir()
+    return async_gateway_process(yaml.safe_load(gateway.path.read_text()), tmp_path / "again")
 
 
 async def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 15) -> Any:
@@ -149,21 +148,18 @@ async def refused(port: int) -> bool:
     return False
 
 
-async def scrape(admin_url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+async def scrape(admin_url: str) -> Samples:
     async with (
         aiohttp.ClientSession(timeout=TIMEOUT) as client,
         client.get(admin_url + "/metrics") as answer,
     ):
         assert answer.status == 200
         text = await answer.text()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
+    samples, _ = parse_metrics(text)
+    return samples
 
 
-def requests_total(samples: dict[tuple[str, frozenset[tuple[str, str]]], float]) -> float:
+def requests_total(samples: Samples) -> float:
     return sum(v for (name, _), v in samples.items() if name == "bff_requests_total")
 
 
@@ -196,11 +192,6 @@ def live_entries(process: GatewayProcess) -> list[dict[str, Any]]:
 def served_by(process: GatewayProcess) -> set[int]:
     """The pids that logged an access line so far."""
     return {e["pid"] for e in live_entries(process) if e["event"] == "request"}
-
-
-async def fetch(client: aiohttp.ClientSession, url: str) -> tuple[int, bytes]:
-    async with client.get(url) as answer:
-        return answer.status, await answer.read()
 
 
 async def hold_slow_and_stream(
@@ -319,17 +310,10 @@ async def test_a_drained_gateway_restarts_on_the_same_ports_at_once(tmp_path: Pa
             for _ in range(3):
                 assert await fetch(client, gateway.url + "/api/ok") == (200, b"ok")
             assert await asyncio.to_thread(gateway.stop) == 0  # closes the idle keep-alives
-        (tmp_path / "again").mkdir()
-        again = GatewayProcess(yaml.safe_load(gateway.path.read_text()), tmp_path / "again")
-        try:
-            await asyncio.to_thread(again.start)
+        async with restarted(gateway, tmp_path) as again:
             async with aiohttp.ClientSession(timeout=TIMEOUT) as client:
                 assert await fetch(client, again.url + "/api/ok") == (200, b"ok")
             assert await asyncio.to_thread(again.stop) == 0
-        finally:
-            if again.proc is not None and again.proc.poll() is None:
-                again.proc.kill()
-                again.proc.wait()
 
 
 # -- workers -----------------------------------------------------------------
@@ -442,16 +426,11 @@ async def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> Non
         assert leftover.is_dir()
 
         # The port is free again, and the next supervisor sweeps the dead one's files.
-        (tmp_path / "again").mkdir()
-        again = GatewayProcess(yaml.safe_load(gateway.path.read_text()), tmp_path / "again")
         try:
-            await asyncio.to_thread(again.start)
-            assert not leftover.exists()
-            assert await asyncio.to_thread(again.stop) == 0
+            async with restarted(gateway, tmp_path) as again:
+                assert not leftover.exists()
+                assert await asyncio.to_thread(again.stop) == 0
         finally:
-            if again.proc is not None and again.proc.poll() is None:
-                again.proc.kill()
-                again.proc.wait()
             shutil.rmtree(leftover, ignore_errors=True)
 
 

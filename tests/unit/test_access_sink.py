@@ -82,13 +82,18 @@ def lines_of(text: str) -> list[dict[str, object]]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+async def turn_ended() -> None:
+    """Let the current event-loop turn end and the flush scheduled in it run."""
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+
+
 async def test_one_write_per_loop_turn(stream: RecordingStream) -> None:
     without_pytest_capture()
     for n in range(50):
         log_access(record(n))
     assert stream.writes == [], "nothing is written before the turn ends"
-    await asyncio.sleep(0)  # the turn ends; the flush scheduled in it runs
-    await asyncio.sleep(0)
+    await turn_ended()
     assert len(stream.writes) == 1
     entries = lines_of(stream.writes[0])
     assert [e["request_id"] for e in entries] == [f"req-{n}" for n in range(50)]
@@ -102,8 +107,7 @@ async def test_an_event_first_lets_out_the_access_lines_before_it(
     log_access(record(1))
     event("something happened", detail="x")
     log_access(record(2))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    await turn_ended()
     events = [e["event"] for e in lines_of(stream.getvalue())]
     assert events == ["request", "something happened", "request"]
 
@@ -125,8 +129,7 @@ async def test_a_closed_stdout_never_fails_the_request(stream: RecordingStream) 
     without_pytest_capture()
     stream.close()
     log_access(record(4))
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)  # the flush ran against a closed stream, quietly
+    await turn_ended()  # the flush ran against a closed stream, quietly
 
 
 def test_lines_of_a_loop_that_stopped_before_flushing_are_not_stranded(
@@ -143,8 +146,7 @@ def test_lines_of_a_loop_that_stopped_before_flushing_are_not_stranded(
     async def more() -> None:
         for n in range(2, 6):
             log_access(record(n))
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        await turn_ended()
 
     asyncio.run(more())
     assert [e["request_id"] for e in lines_of(stream.getvalue())] == [
@@ -161,8 +163,7 @@ def test_an_event_from_another_thread_comes_after_the_lines_before_it(
         log_access(record(1))
         await asyncio.to_thread(event, "from a thread")
         log_access(record(2))
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+        await turn_ended()
 
     asyncio.run(scenario())
     entries = lines_of(stream.getvalue())
