@@ -104,6 +104,10 @@ class Limits(_Strict):
     max_headers: int = Field(100, gt=0)
     max_body_size: Size = 10 * 1024**2
     retry_buffer_size: Size = 1024**2
+    # Edge deadlines and caps (README "Limits and deadlines" says why these defaults).
+    header_timeout: Seconds = 10  # the whole request head, from connect or its first byte
+    keepalive_timeout: Seconds = 75  # an idle kept-alive connection (nginx's default)
+    max_connections: int = Field(10_000, gt=0)  # open client connections per worker
 
 
 class Timeouts(_Strict):

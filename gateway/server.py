@@ -118,6 +118,10 @@ async def gateway_listeners(
     store = gateway.store
     server = PublicServer(
         gateway.handle,
+        metrics=metrics,
+        header_timeout=limits.header_timeout,
+        max_connections=limits.max_connections,
+        keepalive_timeout=limits.keepalive_timeout,
         handler_cancellation=True,
         max_line_size=limits.max_header_size,
         max_field_size=limits.max_header_size,

@@ -74,6 +74,18 @@ class Metrics:
             multiprocess_mode="livesum",
             registry=self.registry,
         )
+        self.open_connections = Gauge(
+            "bff_open_connections",
+            "Client connections open on the public listener",
+            multiprocess_mode="livesum",
+            registry=self.registry,
+        )
+        self.rejections = Counter(
+            "bff_rejections_total",
+            "Connections or requests the edge limits turned away, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
         # labels() takes a lock and builds a key per call: children are looked
         # up once per label set and kept (the label sets are bounded, above).
         self._counted: dict[tuple[str, str, int], Any] = {}
