@@ -60,6 +60,9 @@ from gateway.static import StaticSite
 from gateway.upstream_client import UpstreamClient
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_OVERLOADED = GatewayError(
+    503, "overloaded", "the gateway is at its request limit; retry shortly", {"Retry-After": "1"}
+)
 
 
 @dataclass(slots=True)
@@ -114,6 +117,8 @@ class Gateway:
         self.metrics = metrics
         server = config.server
         self.retry_buffer = server.limits.retry_buffer_size
+        self.max_in_flight = server.limits.max_in_flight
+        self.in_flight = 0
         self.trusted = tuple(server.trusted_proxies)
         self.scheme = "https" if server.tls is not None else "http"
         session_config = config.session
@@ -183,6 +188,9 @@ class Gateway:
     # -- the handler -------------------------------------------------------
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if self.in_flight >= self.max_in_flight:
+            return self._overloaded(request)
+        self.in_flight += 1
         ctx = Context(start=time.perf_counter(), request_id=request_id(request.headers))
         self.metrics.active.inc()
         status = 499  # the client went away before an answer (nginx's convention)
@@ -234,6 +242,7 @@ class Gateway:
         response: web.StreamResponse | None,
     ) -> None:
         duration = time.perf_counter() - ctx.start
+        self.in_flight -= 1
         metrics = self.metrics
         metrics.active.dec()
         metrics.request_done(ctx.route, request.method, status, duration, ctx.upstream_seconds)
@@ -254,6 +263,15 @@ class Gateway:
                     client=request.remote or "",
                 )
             )
+
+    def _overloaded(self, request: web.BaseRequest) -> web.Response:
+        """Turned away before any session, upstream or logging work: shedding must be
+        cheaper than serving, or it sheds nothing."""
+        self.metrics.rejections.labels("max_in_flight").inc()
+        response = error_response(_OVERLOADED)
+        if request.body_exists:
+            response.force_close()  # its body is never read
+        return response
 
     async def _error(
         self, request: web.BaseRequest, error: GatewayError, ctx: Context

@@ -108,6 +108,7 @@ class Limits(_Strict):
     header_timeout: Seconds = 10  # the whole request head, from connect or its first byte
     keepalive_timeout: Seconds = 75  # an idle kept-alive connection (nginx's default)
     max_connections: int = Field(10_000, gt=0)  # open client connections per worker
+    max_in_flight: int = Field(4096, gt=0)  # requests being handled per worker (streams count)
 
 
 class Timeouts(_Strict):

@@ -245,3 +245,34 @@ async def test_5000_slow_clients_do_not_starve_a_normal_one(tmp_path: Path) -> N
             assert all(data.startswith(b"HTTP/1.1 408 ") for data in closed)
             for _, writer in slow:
                 writer.close()
+
+
+async def test_past_max_in_flight_requests_get_503_overloaded_then_recover() -> None:
+    upstream = Upstream()
+    async with edge(upstream, max_in_flight=2) as port, aiohttp.ClientSession() as session:
+        url = f"http://127.0.0.1:{port}/api/"
+
+        async def slow() -> int:
+            async with session.get(url + "slow") as answer:
+                await answer.read()
+                return answer.status
+
+        held = [asyncio.create_task(slow()) for _ in range(2)]
+        deadline = time.monotonic() + 10
+        while upstream.hits < 2:  # both are with the upstream now
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+
+        async with session.get(url + "x") as answer:
+            assert answer.status == 503
+            assert answer.headers["Retry-After"] == "1"
+            assert (await answer.json())["error"] == "overloaded"
+        async with session.post(url + "x", data=b"z" * 100_000) as answer:
+            assert answer.status == 503  # a body is refused unread, not waited for
+        assert upstream.hits == 2
+
+        upstream.release.set()
+        assert await asyncio.gather(*held) == [200, 200]
+        async with session.get(url + "x") as answer:  # load gone: served again
+            assert answer.status == 200
+        assert upstream.hits == 3
