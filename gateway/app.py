@@ -118,6 +118,7 @@ class Gateway:
         server = config.server
         self.retry_buffer = server.limits.retry_buffer_size
         self.max_in_flight = server.limits.max_in_flight
+        self.body_timeout = server.limits.body_timeout
         self.in_flight = 0
         self.trusted = tuple(server.trusted_proxies)
         self.scheme = "https" if server.tls is not None else "http"
@@ -228,6 +229,10 @@ class Gateway:
                 # FileResponse: its prepare() is not idempotent.)
                 await response.prepare(request)
                 await response.write_eof()
+                if ctx.body is not None and ctx.body.stalled:
+                    # aiohttp would linger up to 10 s for the rest of a body
+                    # this client has stopped sending: close once the answer is out.
+                    request.protocol.force_close()
         finally:
             if response is not None:
                 status = response.status
@@ -341,7 +346,9 @@ class Gateway:
 
         body = None
         if request.body_exists:
-            body = ctx.body = RequestBody(request.content, target.max_body, self.retry_buffer)
+            body = ctx.body = RequestBody(
+                request.content, target.max_body, self.retry_buffer, self.body_timeout
+            )
         # Forwarding is inline rather than in helpers: this is every request's
         # path, and each coroutine layer costs on every suspension and resumption.
         upstream = target.upstream

@@ -106,6 +106,7 @@ class Limits(_Strict):
     retry_buffer_size: Size = 1024**2
     # Edge deadlines and caps (README "Limits and deadlines" says why these defaults).
     header_timeout: Seconds = 10  # the whole request head, from connect or its first byte
+    body_timeout: Seconds = 30  # longest silence of a client mid-body
     keepalive_timeout: Seconds = 75  # an idle kept-alive connection (nginx's default)
     max_connections: int = Field(10_000, gt=0)  # open client connections per worker
     max_in_flight: int = Field(4096, gt=0)  # requests being handled per worker (streams count)

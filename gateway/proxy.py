@@ -35,6 +35,7 @@ def payload_too_large(limit: int) -> GatewayError:
 class RequestBody:
     """The client's body, streamed once to the upstream and replayable if small.
 
+    A client silent for longer than ``timeout`` mid-body ends the request (408).
     Bytes are counted against ``limit`` as they arrive (aiohttp does not
     enforce ``client_max_size`` on streamed bodies). Up to ``keep`` bytes are
     kept so that a refresh can replay the request; a replay sends the kept
@@ -47,13 +48,18 @@ class RequestBody:
         "_kept",
         "_kept_size",
         "_reader_free",
+        "_timeout",
         "limit",
         "overflowed",
         "received",
+        "stalled",
     )
 
-    def __init__(self, content: aiohttp.StreamReader, limit: int, keep: int) -> None:
+    def __init__(
+        self, content: aiohttp.StreamReader, limit: int, keep: int, timeout: float | None = None
+    ) -> None:
         self._content = content
+        self._timeout = timeout  # longest silence of the client mid-body
         self.limit = limit
         self._keep = keep
         self._kept: list[bytes] = []
@@ -64,6 +70,7 @@ class RequestBody:
         self._reader_free.set()
         self.received = 0
         self.overflowed = False  # more than `keep` bytes read: no replay possible
+        self.stalled = False  # the client fell silent mid-body (408)
 
     @property
     def too_large(self) -> bool:
@@ -76,7 +83,13 @@ class RequestBody:
     async def _read(self) -> bytes:
         self._reader_free.clear()
         try:
-            return await self._content.readany()
+            async with asyncio.timeout(self._timeout):
+                return await self._content.readany()
+        except TimeoutError:
+            self.stalled = True
+            # Raised into the upstream call, which then closes that connection
+            # without ending the body: the upstream never sees a clean truncation.
+            raise GatewayError(408, "request_timeout", "the request body stalled") from None
         finally:
             self._reader_free.set()
 

@@ -276,3 +276,59 @@ async def test_past_max_in_flight_requests_get_503_overloaded_then_recover() -> 
         async with session.get(url + "x") as answer:  # load gone: served again
             assert answer.status == 200
         assert upstream.hits == 3
+
+
+class BodyRecorder:
+    """An upstream that reads each request body and records whether it arrived whole."""
+
+    def __init__(self) -> None:
+        self.outcomes: list[str] = []
+        self.done = asyncio.Event()
+
+    def app(self) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            try:
+                body = await request.read()
+                self.outcomes.append(f"whole:{len(body)}")
+            except Exception as exc:  # the gateway cut the body off
+                self.outcomes.append(f"broken:{type(exc).__name__}")
+                raise
+            finally:
+                self.done.set()
+            return web.json_response({"length": len(body)})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app
+
+
+async def stalled_body_case(head: bytes, first_part: bytes) -> tuple[float, bytes, list[str]]:
+    recorder = BodyRecorder()
+    async with running_app(recorder.app()) as url:
+        data = config_dict(
+            [{"path": "/api/", "upstream": url + "/"}], server={"limits": {"body_timeout": 1}}
+        )
+        async with running_gateway(data) as gateway:
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+            writer.write(head + first_part)  # then silence
+            seconds, answer = await held_for(reader, 1 + MARGIN + 5)
+            writer.close()
+            await asyncio.wait_for(recorder.done.wait(), timeout=10)
+            return seconds, answer, recorder.outcomes
+
+
+async def test_a_stalled_body_gets_408_and_the_upstream_never_sees_it_end() -> None:
+    head = b"POST /api/up HTTP/1.1\r\nHost: gw\r\nContent-Length: 1000\r\n\r\n"
+    seconds, answer, outcomes = await stalled_body_case(head, b"x" * 100)
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert json_body(answer)["error"] == "request_timeout"
+    assert seconds < 1 + MARGIN
+    assert len(outcomes) == 1 and outcomes[0].startswith("broken:")
+
+
+async def test_a_stalled_chunked_body_is_never_ended_cleanly_upstream() -> None:
+    head = b"POST /api/up HTTP/1.1\r\nHost: gw\r\nTransfer-Encoding: chunked\r\n\r\n"
+    seconds, answer, outcomes = await stalled_body_case(head, b"5\r\nhello\r\n")
+    assert answer.startswith(b"HTTP/1.1 408 ")
+    assert seconds < 1 + MARGIN
+    assert len(outcomes) == 1 and outcomes[0].startswith("broken:")
