@@ -113,9 +113,14 @@ class Gateway:
     ) -> None:
         self.config = config
         self.client = client  # login and refresh calls
-        self.upstreams = UpstreamClient()  # forwarded requests (its docstring says why)
-        self.metrics = metrics
         server = config.server
+        # Forwarded requests (its docstring says why not ClientSession).
+        self.upstreams = UpstreamClient(
+            connections=server.limits.upstream_connections,
+            queue_timeout=server.limits.upstream_queue_timeout,
+            on_busy=metrics.rejections.labels("upstream_busy").inc,
+        )
+        self.metrics = metrics
         self.retry_buffer = server.limits.retry_buffer_size
         self.max_in_flight = server.limits.max_in_flight
         self.body_timeout = server.limits.body_timeout
@@ -233,6 +238,7 @@ class Gateway:
                     # aiohttp would linger up to 10 s for the rest of a body
                     # this client has stopped sending: close once the answer is out.
                     request.protocol.force_close()
+                    self.metrics.rejections.labels("body_timeout").inc()
         finally:
             if response is not None:
                 status = response.status

@@ -110,6 +110,8 @@ class Limits(_Strict):
     keepalive_timeout: Seconds = 75  # an idle kept-alive connection (nginx's default)
     max_connections: int = Field(10_000, gt=0)  # open client connections per worker
     max_in_flight: int = Field(4096, gt=0)  # requests being handled per worker (streams count)
+    upstream_connections: int = Field(1024, gt=0)  # in use per upstream endpoint, per worker
+    upstream_queue_timeout: Seconds = 5  # wait for a free one; then 503 upstream_busy
 
 
 class Timeouts(_Strict):

@@ -33,7 +33,7 @@ import functools
 import socket
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -47,7 +47,7 @@ from aiohttp.http import RawResponseMessage, StreamWriter
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from gateway.errors import upstream_failure_of
+from gateway.errors import GatewayError, upstream_failure_of
 
 if TYPE_CHECKING:
     from gateway.proxy import RequestBody
@@ -62,6 +62,18 @@ READ_BUFSIZE = 2**16
 DNS_TTL_SECONDS = 60.0  # aiohttp's ttl_dns_cache as the gateway configured it
 HAPPY_EYEBALLS_DELAY = 0.25  # aiohttp's: the next address is tried after this long
 _NO_TIMER = TimerNoop()
+DEFAULT_CONNECTIONS = 1024  # per endpoint (Envoy's default circuit-breaker limit)
+DEFAULT_QUEUE_TIMEOUT = 5.0
+
+
+def upstream_busy() -> GatewayError:
+    """Every connection to this upstream was in use for the whole queue timeout."""
+    return GatewayError(
+        503,
+        "upstream_busy",
+        "the upstream is at its connection limit; retry shortly",
+        {"Retry-After": "1"},
+    )
 
 
 @functools.cache
@@ -254,7 +266,7 @@ class UpstreamResponse:
             protocol.close()
         else:
             client.park(self._endpoint, protocol)
-        client.done(self._deadline)
+        client.done(self._endpoint, self._deadline)
 
     async def __aenter__(self) -> UpstreamResponse:
         return self
@@ -264,10 +276,25 @@ class UpstreamResponse:
 
 
 class UpstreamClient:
-    """A pool of keep-alive connections per endpoint, at most ``connections`` in use."""
+    """A pool of keep-alive connections per endpoint, at most ``connections`` in use per
+    endpoint; a request waits up to ``queue_timeout`` for a free one (503 ``upstream_busy``).
 
-    def __init__(self, connections: int = 1024, keepalive: float = KEEPALIVE_SECONDS) -> None:
-        self._slots = asyncio.Semaphore(connections)
+    The limit is per endpoint so that one slow upstream holding every connection
+    cannot starve the others; the queue it builds is bounded in time here and in
+    size by the listener's ``max_in_flight``.
+    """
+
+    def __init__(
+        self,
+        connections: int = DEFAULT_CONNECTIONS,
+        keepalive: float = KEEPALIVE_SECONDS,
+        queue_timeout: float | None = DEFAULT_QUEUE_TIMEOUT,
+        on_busy: Callable[[], None] | None = None,
+    ) -> None:
+        self._connections = connections
+        self._slots: dict[Endpoint, asyncio.Semaphore] = {}
+        self._queue_timeout = queue_timeout
+        self._on_busy = on_busy
         self._max_idle = connections
         self._keepalive = keepalive
         # Idle connections per endpoint, oldest first, with the time they went idle.
@@ -301,10 +328,16 @@ class UpstreamClient:
             total = TimeoutHandle(loop, timeouts.total)
             deadline = total.start()
             timer = total.timer()
+        slots = self._slots.get(endpoint)
+        if slots is None:
+            slots = self._slots[endpoint] = asyncio.Semaphore(self._connections)
         holding_slot = False
         try:
             with timer or _NO_TIMER:  # the total covers the wait for a free slot too
-                await self._slots.acquire()
+                if slots.locked():
+                    await self._queue_for(slots)
+                else:
+                    await slots.acquire()  # free: never suspends
                 holding_slot = True
                 retry_allowed = method in IDEMPOTENT_METHODS
                 retrying = False
@@ -335,8 +368,21 @@ class UpstreamClient:
             if deadline is not None:
                 deadline.cancel()
             if holding_slot:
-                self._slots.release()
+                slots.release()
             raise
+
+    async def _queue_for(self, slots: asyncio.Semaphore) -> None:
+        """Wait for a connection of a busy endpoint, up to the queue timeout."""
+        try:
+            async with asyncio.timeout(self._queue_timeout):
+                await slots.acquire()
+        except TimeoutError:
+            # Only the queue's own deadline arrives here: a total timeout that
+            # expired first cancels the task, which asyncio.timeout passes on
+            # as a cancellation (the caller's timer turns it into a 504).
+            if self._on_busy is not None:
+                self._on_busy()
+            raise upstream_busy() from None
 
     async def _exchange(
         self,
@@ -480,11 +526,11 @@ class UpstreamClient:
         if self._sweep_handle is None:
             self._sweep_handle = loop.call_later(self._keepalive, self._sweep)
 
-    def done(self, deadline: asyncio.TimerHandle | None) -> None:
+    def done(self, endpoint: Endpoint, deadline: asyncio.TimerHandle | None) -> None:
         """A response was released: its total timeout and its slot end."""
         if deadline is not None:
             deadline.cancel()
-        self._slots.release()
+        self._slots[endpoint].release()
 
     def _sweep(self) -> None:
         """Close connections idle for longer than the keep-alive time."""

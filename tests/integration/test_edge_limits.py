@@ -314,6 +314,10 @@ async def stalled_body_case(head: bytes, first_part: bytes) -> tuple[float, byte
             seconds, answer = await held_for(reader, 1 + MARGIN + 5)
             writer.close()
             await asyncio.wait_for(recorder.done.wait(), timeout=10)
+            async with aiohttp.ClientSession() as session:
+                async with session.get(gateway.admin_url + "/metrics") as metrics:
+                    samples, _ = parse_metrics(await metrics.text())
+            assert samples[("bff_rejections_total", frozenset({("reason", "body_timeout")}))] == 1
             return seconds, answer, recorder.outcomes
 
 
@@ -332,3 +336,52 @@ async def test_a_stalled_chunked_body_is_never_ended_cleanly_upstream() -> None:
     assert answer.startswith(b"HTTP/1.1 408 ")
     assert seconds < 1 + MARGIN
     assert len(outcomes) == 1 and outcomes[0].startswith("broken:")
+
+
+async def test_a_busy_upstream_gets_503_upstream_busy_and_spares_the_others() -> None:
+    """upstream_connections is per upstream: one held at its limit refuses a queued
+    request after upstream_queue_timeout, while another upstream is served."""
+    busy, other = Upstream(), Upstream()
+
+    async with running_app(busy.app()) as busy_url, running_app(other.app()) as other_url:
+        data = config_dict(
+            [
+                {"path": "/busy/", "upstream": busy_url + "/"},
+                {"path": "/other/", "upstream": other_url + "/"},
+            ],
+            server={"limits": {"upstream_connections": 1, "upstream_queue_timeout": 0.5}},
+        )
+        async with running_gateway(data) as gateway, aiohttp.ClientSession() as session:
+
+            async def slow() -> int:
+                async with session.get(gateway.url + "/busy/slow") as answer:
+                    await answer.read()
+                    return answer.status
+
+            held = asyncio.create_task(slow())
+            deadline = time.monotonic() + 10
+            while busy.hits < 1:  # the one connection is with the upstream now
+                assert time.monotonic() < deadline and not held.done()
+                await asyncio.sleep(0.01)
+
+            started = time.monotonic()
+            async with session.get(gateway.url + "/busy/x") as answer:
+                waited = time.monotonic() - started
+                assert answer.status == 503
+                assert answer.headers["Retry-After"] == "1"
+                assert (await answer.json())["error"] == "upstream_busy"
+            assert 0.5 <= waited < 0.5 + MARGIN  # it queued for the timeout, then gave up
+            assert busy.hits == 1  # the refused request never reached the upstream
+
+            async with session.get(gateway.url + "/other/y") as answer:
+                assert answer.status == 200  # another upstream is not held up
+
+            async with session.get(gateway.admin_url + "/metrics") as answer:
+                samples, _ = parse_metrics(await answer.text())
+            assert samples[("bff_rejections_total", frozenset({("reason", "upstream_busy")}))] == 1
+
+            busy.release.set()
+            assert await held == 200
+            async with session.get(gateway.url + "/busy/z") as answer:  # a free slot again
+                assert answer.status == 200
+            assert busy.hits == 2

@@ -934,20 +934,21 @@ async def test_total_timeout_covers_a_body_that_keeps_coming() -> None:
 
 
 async def test_total_timeout_before_the_answer() -> None:
-    async def silent(peer: Peer) -> None:
+    async def silent_first(peer: Peer) -> None:
+        if peer.index > 0:
+            return await keep_alive(peer)
         await peer.next_request()
         await peer.read_until_closed()
 
-    async with (
-        raw_upstream(silent) as slow,
-        raw_upstream(keep_alive) as other,
-        open_client(connections=1) as client,
-    ):
+    async with raw_upstream(silent_first) as upstream, open_client(connections=1) as client:
         with pytest.raises(TimeoutError):
-            await guarded(call(client, slow.port, timeouts=CallTimeouts(5, None, 0.3)), "it")
-        await guarded(slow.peers[0].closed_by_client.wait(), "the client to close it")
+            await guarded(call(client, upstream.port, timeouts=CallTimeouts(5, None, 0.3)), "it")
+        await guarded(upstream.peers[0].closed_by_client.wait(), "the client to close it")
         # The timed-out call gave back its slot (there is only one).
-        assert await guarded(call(client, other.port), "a later request") == (200, b"conn0 GET /")
+        assert await guarded(call(client, upstream.port), "a later request") == (
+            200,
+            b"conn1 GET /",
+        )
 
 
 # -- failures ----------------------------------------------------------------------
@@ -1108,6 +1109,47 @@ async def test_connection_limit_queues_the_extra_request_until_a_release() -> No
     assert sorted(upstream.log[:2]) == ["arrived /1", "arrived /2"]
     assert upstream.log[2:] == ["released /1", "arrived /3"]
     assert len(upstream.peers) == 2
+
+
+async def test_the_connection_limit_is_per_endpoint() -> None:
+    async with (
+        raw_upstream(keep_alive) as busy,
+        raw_upstream(keep_alive) as other,
+        open_client(connections=1, queue_timeout=5) as client,
+    ):
+        held = await open_response(client, busy.port, target="/held")
+        async with held:
+            # busy's one connection is in use; other's is not held up by it.
+            answer = await guarded(call(client, other.port), "the other endpoint's answer")
+            assert answer == (200, b"conn0 GET /")
+
+
+async def test_a_request_queued_past_the_queue_timeout_is_upstream_busy() -> None:
+    refusals: list[str] = []
+    async with (
+        raw_upstream(keep_alive) as upstream,
+        open_client(
+            connections=1, queue_timeout=0.3, on_busy=lambda: refusals.append("busy")
+        ) as client,
+    ):
+        held = await open_response(client, upstream.port, target="/held")
+        async with held:
+            with pytest.raises(GatewayError) as raised:
+                await guarded(call(client, upstream.port, target="/queued"), "the refusal")
+            error = raised.value
+            assert (error.status, error.code, error.headers) == (
+                503,
+                "upstream_busy",
+                {"Retry-After": "1"},
+            )
+            assert refusals == ["busy"]
+            assert await held.content.read() == b"conn0 GET /held"
+        # The refused request never went out, and took no slot with it.
+        assert await guarded(call(client, upstream.port, target="/next"), "a later one") == (
+            200,
+            b"conn0 GET /next",
+        )
+        assert [r.target for r in upstream.requests] == ["/held", "/next"]
 
 
 async def test_total_timeout_covers_the_wait_for_a_free_connection() -> None:
