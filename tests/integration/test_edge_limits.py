@@ -20,6 +20,7 @@ from aiohttp import web
 from tests.support import (
     async_gateway_process,
     config_dict,
+    fetch,
     parse_metrics,
     running_app,
     running_gateway,
@@ -315,8 +316,8 @@ async def stalled_body_case(head: bytes, first_part: bytes) -> tuple[float, byte
             writer.close()
             await asyncio.wait_for(recorder.done.wait(), timeout=10)
             async with aiohttp.ClientSession() as session:
-                async with session.get(gateway.admin_url + "/metrics") as metrics:
-                    samples, _ = parse_metrics(await metrics.text())
+                _, metrics = await fetch(session, gateway.admin_url + "/metrics")
+            samples, _ = parse_metrics(metrics.decode())
             assert samples[("bff_rejections_total", frozenset({("reason", "body_timeout")}))] == 1
             return seconds, answer, recorder.outcomes
 

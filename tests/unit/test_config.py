@@ -94,6 +94,10 @@ def test_minimal_config_loads_with_the_documented_defaults() -> None:
     assert config.server.limits.max_header_size == 16 * 1024
     assert config.server.limits.max_body_size == 10 * 1024**2
     assert config.server.limits.retry_buffer_size == 1024**2
+    limits = config.server.limits
+    assert (limits.header_timeout, limits.body_timeout, limits.keepalive_timeout) == (10, 30, 75)
+    assert (limits.max_connections, limits.max_in_flight) == (10_000, 4096)
+    assert (limits.upstream_connections, limits.upstream_queue_timeout) == (1024, 5)
     assert config.server.timeouts.connect == 5
     assert config.server.timeouts.read == 60
     assert config.server.timeouts.total is None
@@ -436,6 +440,21 @@ def test_listen_addresses(text: str, host: str, port: int, shown: str) -> None:
 def test_bad_listen_addresses_are_rejected(bad: str) -> None:
     reason = only_problem_at(doc(server={"listen": bad}), "server.listen")
     assert "host:port" in reason
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("upstream_connections", 0),
+        ("upstream_queue_timeout", 0),
+        ("max_in_flight", -1),
+        ("header_timeout", "soon"),
+    ],
+)
+def test_edge_limits_must_be_positive(key: str, value: Any) -> None:
+    data = doc()
+    data["server"] = {"limits": {key: value}}
+    only_problem_at(data, f"server.limits.{key}")
 
 
 def test_admin_listen_can_be_disabled() -> None:
