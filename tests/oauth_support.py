@@ -21,12 +21,14 @@ what is added here, each with Authlib's own implementation rather than ours:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import hashlib
 import io
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -126,6 +128,15 @@ class _Revocation(RevocationEndpoint):  # type: ignore[misc]
     """Authlib's RFC 7009 endpoint on the mock's own token storage."""
 
     CLIENT_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "none"]  # noqa: RUF012
+
+    def authenticate_token(self, request: Any, client: Any) -> Any:
+        # The mock's access tokens do not implement check_client (it raises): they
+        # are checked through their refresh token's client where there is one.
+        self.check_params(request, client)
+        token = self.query_token(request.form["token"], request.form.get("token_type_hint"))
+        if token is not None and hasattr(token, "client_id") and not token.check_client(client):
+            return None
+        return token
 
     def query_token(self, token_string: str, token_type_hint: str | None) -> Any:
         storage = mock_app.storage
@@ -281,8 +292,39 @@ async def start_login(browser: Browser, return_to: str = "/app") -> Reply:
 async def oidc_login(
     env: OidcEnv, browser: Browser | None = None, sub: str = "alice", return_to: str = "/app"
 ) -> Reply:
-    """The whole walk: gateway login -> provider -> gateway callback; returns the callback's reply."""
+    """Gateway login -> provider -> gateway callback; returns the callback's reply."""
     browser = browser or env.browser
     started = await start_login(browser, return_to)
     callback = await authorize_at_provider(env.http, started.headers["Location"], sub)
     return await browser.call("GET", local(callback), follow=False)
+
+
+async def provider_refresh(
+    http: aiohttp.ClientSession, provider: OidcProvider, refresh_token: str
+) -> int:
+    """A refresh grant sent straight to the provider (as an attacker holding the token would)."""
+    async with http.post(
+        f"{provider.issuer}/oauth2/token",
+        data={"grant_type": "refresh_token", "refresh_token": refresh_token},
+        auth=aiohttp.BasicAuth(CLIENT_ID, CLIENT_SECRET),
+    ) as answer:
+        return answer.status
+
+
+async def provider_revoke_access(
+    http: aiohttp.ClientSession, provider: OidcProvider, access_token: str
+) -> None:
+    """Invalidate one access token at the provider, so its next use is refused."""
+    async with http.post(
+        provider.revocation_url,
+        data={"token": access_token, "token_type_hint": "access_token"},
+        auth=aiohttp.BasicAuth(CLIENT_ID, CLIENT_SECRET),
+    ) as answer:
+        assert answer.status == 200
+    with provider.record.lock:
+        provider.record.revoked.pop()  # the test's own call, not the gateway's
+
+
+async def until_expired(expires_at: float, margin: float = 0.3) -> None:
+    """Wait out an access token's lifetime (the clock is the condition here)."""
+    await asyncio.sleep(max(0.0, expires_at - time.time() + margin))
