@@ -77,6 +77,7 @@ async def test_a_full_login_starts_a_session_and_the_upstream_sees_a_valid_token
             assert answer.status == 200, answer.body
             assert answer.json() == {"sub": "alice@example.com", "path": "/me"}
             (grant,) = provider.record.of("authorization_code")
+            assert provider.record.pkce_ok == [True]  # S256(code_verifier) == code_challenge
             assert env.seen[-1] == f"Bearer {grant.answer['access_token']}"
             # The ID token is in the sealed session for the logout hint, and nowhere else.
             stored = unseal(env.browser.jar["bff-oidc"], "bff-oidc")
