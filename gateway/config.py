@@ -262,8 +262,12 @@ class OAuth2Provider(_Strict):
         return "client_secret_basic" if self.client_secret else "none"
 
 
-def _oauth2_checks(name: str, provider: OAuth2Provider) -> list[str]:
+def _oauth2_checks(name: str, provider: OAuth2Provider, dropped: frozenset[str]) -> list[str]:
+    """Rules across an oauth2 provider's keys; a key in ``dropped`` did not validate
+    (already reported), so the rules reading it are skipped."""
     where = f"providers.{name}"
+    if any(key.startswith(f"{where}.") for key in dropped):
+        return []
     problems = []
     if provider.oidc and provider.issuer is None:
         problems.append(
@@ -417,7 +421,7 @@ def _cross_checks(
             problems.append(f"{where}.tls.ca_file: {str(ca)!r} does not exist")
     for name, provider in (providers or {}).items():
         if isinstance(provider, OAuth2Provider):
-            problems.extend(_oauth2_checks(name, provider))
+            problems.extend(_oauth2_checks(name, provider, dropped))
     if session is not None:
         if (
             session.store == "redis"
