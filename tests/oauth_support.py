@@ -226,6 +226,7 @@ class OidcEnv:
     browser: Browser
     http: aiohttp.ClientSession
     seen: list[str]  # Authorization headers the upstream received
+    gateway_data: dict[str, Any]  # the gateway's config, for a second replica
 
     def new_browser(self) -> Browser:
         return Browser(self.http, self.gateway.url)
@@ -258,7 +259,7 @@ async def oidc_env(
             running_gateway(data) as gateway,
             aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
         ):
-            yield OidcEnv(provider, gateway, Browser(http, gateway.url), http, seen)
+            yield OidcEnv(provider, gateway, Browser(http, gateway.url), http, seen, data)
 
 
 def query_of(url: str) -> dict[str, str]:

@@ -13,6 +13,7 @@ import asyncio
 
 import pytest
 
+from tests.integration.test_redis import RedisServer, redis_server  # noqa: F401 - a fixture
 from tests.oauth_support import (
     CLIENT_ID,
     authorize_at_provider,
@@ -26,7 +27,12 @@ from tests.oauth_support import (
     start_login,
     until_expired,
 )
-from tests.session_support import parse_set_cookie, unseal
+from tests.session_support import Browser, parse_set_cookie, unseal
+from tests.support import free_port, running_gateway
+
+
+def fresh_ports() -> dict[str, str]:
+    return {"listen": f"127.0.0.1:{free_port()}", "admin_listen": f"127.0.0.1:{free_port()}"}
 
 
 async def test_login_redirects_to_the_provider_with_state_pkce_and_nonce(
@@ -264,3 +270,32 @@ async def test_parallel_logins_in_several_tabs_each_finish(
             session = (await env.browser.call("GET", "/auth/oidc/session")).json()
             assert session["claims"]["sub"] == "ann"  # the last login wins
             assert not any(name.startswith("bff~flow-") for name in env.browser.jar)
+
+
+async def test_two_gateways_sharing_redis_send_one_refresh_grant(
+    monkeypatch: pytest.MonkeyPatch,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    # Cluster-wide single flight (ClusterRefresher): 25 expired requests on each of
+    # two gateways (as two replicas would get them) -> one grant at the provider.
+    with oidc_provider(monkeypatch, access_ttl=2, rotate=True) as provider:
+        session = {"redis_url": redis_server.url}
+        async with (
+            oidc_env(provider, session=session, refresh_skew=0) as env,
+            running_gateway(
+                {**env.gateway_data, "server": {**env.gateway_data["server"], **fresh_ports()}}
+            ) as other,
+        ):
+            assert (await oidc_login(env)).status == 302
+            state = (await env.browser.call("GET", "/auth/oidc/session")).json()
+            await until_expired(state["expires_at"])
+            jar = dict(env.browser.jar)
+            second = Browser(env.http, other.url)
+            answers = await asyncio.gather(
+                *(env.new_browser().call("GET", f"/api/a{i}", cookies=jar) for i in range(25)),
+                *(second.call("GET", f"/api/b{i}", cookies=jar) for i in range(25)),
+            )
+            assert [a.status for a in answers] == [200] * 50
+            grants = provider.record.of("refresh_token")
+            assert len(grants) == 1
+            assert set(env.seen[-50:]) == {f"Bearer {grants[0].answer['access_token']}"}
