@@ -3,15 +3,12 @@
 every access token at that provider, and the browser's walk through a login.
 
 What oidc-provider-mock 0.3.4 (the newest release for Python 3.11) lacks, and
-what is added here, each with Authlib's own implementation rather than ours:
+what stands in, each with Authlib's own implementation rather than ours:
 
-- an RFC 7009 revocation endpoint: none in the package; Authlib's
-  ``RevocationEndpoint`` is mounted on the mock's own authorization server and
-  storage at ``/oauth2/revoke`` (not in its discovery document, so the gateway
-  is given ``revocation_url`` explicitly);
-- access token lifetimes after a refresh: only the authorization_code grant's
-  lifetime is configurable; Authlib's per-grant ``OAUTH2_TOKEN_EXPIRES_IN``
-  default table is given the same lifetime for the refresh_token grant;
+- an RFC 7009 revocation endpoint and the token lifetime after a refresh:
+  added by gateway/demo/oidc.py (the demo's provider, reused here); the
+  revocation endpoint is not in the discovery document, so the gateway is given
+  ``revocation_url`` explicitly;
 - rotating refresh tokens: Authlib's ``INCLUDE_NEW_REFRESH_TOKEN`` switched on
   for the mock's refresh grant when asked;
 - PKCE: the mock does not register Authlib's CodeChallenge extension, so it
@@ -31,20 +28,15 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 import aiohttp
-import flask
 import pytest
-import werkzeug.serving
 from aiohttp import web
-from authlib.oauth2.rfc6750 import BearerTokenGenerator
-from authlib.oauth2.rfc7009 import RevocationEndpoint
 from oidc_provider_mock import _app as mock_app
-from oidc_provider_mock import app as oidc_app
 
+from gateway.demo.oidc import provider_app, serve_in_thread
 from tests.session_support import Browser, Reply
 from tests.support import RunningGateway, config_dict, running_app, running_gateway
 
@@ -125,30 +117,6 @@ class _Recorder:
             self.record.pkce_ok.append(challenge.rstrip(b"=").decode() in sent)
 
 
-class _Revocation(RevocationEndpoint):  # type: ignore[misc]
-    """Authlib's RFC 7009 endpoint on the mock's own token storage."""
-
-    CLIENT_AUTH_METHODS = ["client_secret_basic", "client_secret_post", "none"]  # noqa: RUF012
-
-    def authenticate_token(self, request: Any, client: Any) -> Any:
-        # The mock's access tokens do not implement check_client (it raises): they
-        # are checked through their refresh token's client where there is one.
-        self.check_params(request, client)
-        token = self.query_token(request.form["token"], request.form.get("token_type_hint"))
-        if token is not None and hasattr(token, "client_id") and not token.check_client(client):
-            return None
-        return token
-
-    def query_token(self, token_string: str, token_type_hint: str | None) -> Any:
-        storage = mock_app.storage
-        return storage.get_refresh_token(token_string) or storage.get_access_token(token_string)
-
-    def revoke_token(self, token: Any, request: Any) -> None:
-        storage = mock_app.storage
-        storage.remove_refresh_token(token.token)
-        storage.remove_access_token(getattr(token, "access_token", token.token))
-
-
 @dataclass
 class OidcProvider:
     issuer: str
@@ -167,35 +135,13 @@ def oidc_provider(
     rotate: bool = False,
     refresh_tokens: bool = True,
 ) -> Iterator[OidcProvider]:
-    """oidc-provider-mock on a thread, on 127.0.0.1 (its issuer is the URL it is called by)."""
-    seconds = max(1, int(access_ttl))
-    monkeypatch.setitem(BearerTokenGenerator.GRANT_TYPES_EXPIRES_IN, "refresh_token", seconds)
+    """The demo's provider (gateway/demo/oidc.py) on a thread, on 127.0.0.1 (its issuer
+    is the URL it is called by), behind the recorder."""
     monkeypatch.setattr(mock_app.RefreshTokenGrant, "INCLUDE_NEW_REFRESH_TOKEN", rotate)
-    app = oidc_app(
-        require_nonce=True,
-        issue_refresh_token=refresh_tokens,
-        access_token_max_age=timedelta(seconds=seconds),
-    )
-    registered: list[bool] = []
-
-    @app.post("/oauth2/revoke")
-    def revoke() -> Any:
-        server = flask.g._authlib_authorization_server
-        if not registered:
-            server.register_endpoint(_Revocation)
-            registered.append(True)
-        return server.create_endpoint_response("revocation")
-
+    app = provider_app(max(1, int(access_ttl)), refresh_tokens=refresh_tokens)
     record = Record()
-    server = werkzeug.serving.make_server("127.0.0.1", 0, _Recorder(app, record), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        yield OidcProvider(f"http://127.0.0.1:{server.server_port}", record)
-    finally:
-        server.shutdown()
-        thread.join(5)
-        server.server_close()
+    with serve_in_thread(_Recorder(app, record), "127.0.0.1", 0) as port:
+        yield OidcProvider(f"http://127.0.0.1:{port}", record)
 
 
 def userinfo_upstream(issuer: str, seen: list[str]) -> web.Application:
