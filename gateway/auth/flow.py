@@ -29,6 +29,7 @@ from gateway.headers import Headers
 from gateway.sessions.seal import KeyRing
 
 FLOW_SECONDS = 600
+MAX_PARALLEL_FLOWS = 3  # logins under way in one browser; older ones are dropped
 _EXPIRED_DATE = "Thu, 01 Jan 1970 00:00:00 GMT"
 
 
@@ -109,7 +110,35 @@ class FlowCookies:
         return f"{name}={value}; Max-Age={FLOW_SECONDS}; {self._attributes}"
 
     def clear_cookie(self, state: str) -> str:
-        return f"{self.name(state)}=; Max-Age=0; Expires={_EXPIRED_DATE}; {self._attributes}"
+        return self.clear_named(self.name(state))
+
+    def stale(self, headers: Headers) -> list[str]:
+        """Names of this browser's flow cookies to expire before a new flow starts:
+        any that does not unseal, and all but the newest ``MAX_PARALLEL_FLOWS - 1``.
+
+        Abandoned logins would otherwise pile up in the Cookie header (each is
+        about 400 bytes) until it outgrows ``max_header_size``.
+        """
+        marker = f"{self._base}~flow-"
+        found: list[tuple[float, str]] = []
+        drop: list[str] = []
+        for line in headers.getall("Cookie", ()):
+            for pair in line.split(";"):
+                name, _, value = pair.strip().partition("=")
+                if not name.startswith(marker):
+                    continue
+                unsealed = self._keyring.unseal(value, name)
+                flow = Flow.from_bytes(unsealed.plaintext) if unsealed is not None else None
+                if flow is None:
+                    drop.append(name)
+                else:
+                    found.append((flow.expires_at, name))
+        found.sort(reverse=True)
+        drop.extend(name for _, name in found[MAX_PARALLEL_FLOWS - 1 :])
+        return drop
+
+    def clear_named(self, name: str) -> str:
+        return f"{name}=; Max-Age=0; Expires={_EXPIRED_DATE}; {self._attributes}"
 
     def read(self, headers: Headers, state: str) -> Flow | None:
         """The flow whose cookie the browser sent for ``state``; None if absent or forged."""

@@ -107,6 +107,8 @@ class OAuth2Login:
         if flow.nonce is not None:
             params["nonce"] = flow.nonce
         response = _redirect(_add_query(endpoints.authorize_url, params))
+        for name in self._flows.stale(request.headers):
+            response.headers.add("Set-Cookie", self._flows.clear_named(name))
         response.headers.add("Set-Cookie", self._flows.set_cookie(flow))
         return LoginStep(response)
 

@@ -40,7 +40,12 @@ class SessionAccess:
         self, request: web.BaseRequest, provider: ProviderRuntime, ctx: Context
     ) -> SessionState:
         """The request's live session for ``provider``, refreshed if about to expire."""
-        state = await self.load(request, provider, ctx)
+        # Not through self.load: this is every session request's path, and each
+        # coroutine layer costs on every suspension and resumption.
+        manager = self.manager
+        now = time.time()
+        state = await manager.load(manager.read_cookies(request.headers), provider.name, now)
+        ctx.states.append(state)
         if state.session is None:
             if state.absent is not Absent.NONE:
                 await self.manager.clear(state)
@@ -48,7 +53,6 @@ class SessionAccess:
                 raise session_expired()
             raise GatewayError(401, "login_required", "log in first")
         expires_at = state.session.expires_at
-        now = time.time()
         if expires_at is not None and expires_at - provider.skew <= now:
             if self.can_refresh(provider, state):
                 await self.refresh(provider, state, ctx)

@@ -502,3 +502,47 @@ async def test_no_token_or_code_in_any_response_url_or_log_line(
                 assert secret not in seen, "a token or code reached the browser"
         for secret in secrets:
             assert secret not in text, "a token or code reached a log line"
+
+
+async def test_abandoned_logins_do_not_pile_up_in_the_cookie_header() -> None:
+    async with attack_env() as env:
+        starts = [await start_login(env.browser, f"/t{i}") for i in range(6)]
+        flows = [n for n in env.browser.jar if n.startswith("bff~flow-")]
+        assert len(flows) == 3  # the newest three
+        # The newest still finishes; the oldest is gone.
+        last = query_of(starts[-1].headers["Location"])
+        env.idp.answer = lambda form: (200, token_answer(rs256(env.idp.claims(last["nonce"]))))
+        done = await env.browser.call(
+            "GET", f"/auth/oidc/callback?code=c&state={last['state']}", follow=False
+        )
+        assert done.headers["Location"] == "/t5"
+        first = query_of(starts[0].headers["Location"])["state"]
+        gone = await env.browser.call(
+            "GET", f"/auth/oidc/callback?code=c&state={first}", follow=False
+        )
+        assert gone.headers["Location"] == "/?bff_error=invalid_state"
+
+
+async def test_a_cross_site_logout_link_does_not_log_out() -> None:
+    async with attack_env() as env:
+        assert (await login_with(env, lambda n: rs256(env.idp.claims(n)))).status == 302
+        reply = await env.browser.call(
+            "GET",
+            "/auth/oidc/logout?return_to=/x",
+            headers={"Sec-Fetch-Site": "cross-site"},
+            follow=False,
+        )
+        assert reply.headers["Location"] == "/x?bff_error=csrf_failed"
+        assert "bff-oidc" in env.browser.jar
+        session = (await env.browser.call("GET", "/auth/oidc/session")).json()
+        assert session["authenticated"] is True
+
+
+async def test_methods_of_the_oauth2_endpoints() -> None:
+    async with attack_env() as env:
+        login = await env.browser.call("POST", "/auth/oidc/login", follow=False)
+        assert login.status == 405 and login.headers["Allow"] == "GET"
+        callback = await env.browser.call("POST", "/auth/oidc/callback", follow=False)
+        assert callback.status == 405
+        put = await env.browser.call("PUT", "/auth/oidc/logout", follow=False)
+        assert put.status == 405

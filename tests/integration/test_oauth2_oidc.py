@@ -299,3 +299,15 @@ async def test_two_gateways_sharing_redis_send_one_refresh_grant(
             grants = provider.record.of("refresh_token")
             assert len(grants) == 1
             assert set(env.seen[-50:]) == {f"Bearer {grants[0].answer['access_token']}"}
+
+
+async def test_logout_from_every_provider_revokes_the_oidc_session(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with oidc_provider(monkeypatch) as provider:
+        async with oidc_env(provider) as env:
+            assert (await oidc_login(env)).status == 302
+            reply = await env.browser.call("POST", "/auth/logout")
+            assert reply.status == 204
+            assert len(provider.record.revoked) == 1
+            assert (await env.browser.call("GET", "/api/x")).error == "login_required"
