@@ -150,6 +150,7 @@ class OAuth2Login:
                 return_to, "token_exchange_failed", "rejected", state, "code refused"
             )
         except ProviderUnavailable as exc:
+            self._discovery.forget()  # it may name endpoints that moved: look again next time
             return self._failed(return_to, "provider_unavailable", "error", state, str(exc))
         except InvalidIdToken as exc:
             return self._failed(return_to, "invalid_id_token", "rejected", state, str(exc))
@@ -277,6 +278,7 @@ class OAuth2Login:
         except TokenRejected:
             raise RefreshRejected() from None
         except ProviderUnavailable:
+            self._discovery.forget()
             raise RefreshUnavailable() from None
         except InvalidIdToken:
             raise InvalidAnswer() from None

@@ -83,9 +83,18 @@ class Discovery:
     async def endpoints(self) -> Endpoints:
         config = self._config
         document: Mapping[str, Any] = {}
-        needed = (config.authorize_url, config.token_url)
-        if config.issuer is not None and (None in needed or config.oidc):
-            document = await self._discover()
+        required = [config.authorize_url, config.token_url]
+        if config.oidc:
+            required.append(config.jwks_url)
+        optional = (config.revocation_url, config.end_session_url)
+        if config.issuer is not None and None in (*required, *optional):
+            try:
+                document = await self._discover()
+            except ProviderUnavailable:
+                if None in required:
+                    raise
+                # Everything needed is configured: go on without the optional
+                # endpoints (revocation, end session) this time.
 
         def pick(explicit: str | None, key: str) -> str | None:
             if explicit is not None:

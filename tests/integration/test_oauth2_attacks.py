@@ -67,6 +67,8 @@ class FakeIdp:
     answer: Callable[[dict[str, str]], tuple[int, Any]] = lambda form: (500, {})
     token_calls: list[dict[str, str]] = field(default_factory=list)
     jwks_fetches: int = 0
+    discovery_fetches: int = 0
+    discovery_down: bool = False
 
     def claims(self, nonce: str, **over: Any) -> dict[str, Any]:
         now = int(time.time())
@@ -86,6 +88,9 @@ async def fake_idp() -> AsyncIterator[FakeIdp]:
     idp = FakeIdp(keys=[public_jwk(RSA_KEY, "rsa1", "RS256")])
 
     async def discovery(request: web.Request) -> web.Response:
+        idp.discovery_fetches += 1
+        if idp.discovery_down:
+            return web.json_response({"error": "down"}, status=503)
         return web.json_response(
             {
                 "issuer": idp.url,
@@ -546,3 +551,22 @@ async def test_methods_of_the_oauth2_endpoints() -> None:
         assert callback.status == 405
         put = await env.browser.call("PUT", "/auth/oidc/logout", follow=False)
         assert put.status == 405
+
+
+async def test_discovery_is_cached_and_fetched_again_after_a_failure() -> None:
+    async with attack_env() as env:
+        env.idp.discovery_down = True
+        failed = await env.browser.call("GET", "/auth/oidc/login?return_to=/a", follow=False)
+        assert failed.headers["Location"] == "/a?bff_error=provider_unavailable"
+        env.idp.discovery_down = False
+        for _ in range(2):
+            reply = await login_with(env, lambda n: rs256(env.idp.claims(n)))
+            assert reply.headers["Location"] == "/home"
+        assert env.idp.discovery_fetches == 2  # the failure, then one fetch for both logins
+        # A token endpoint that fails: what discovery said may be stale, so ask again.
+        started = await start_login(env.browser, "/home")
+        env.idp.answer = lambda form: (502, "bad gateway")
+        state = query_of(started.headers["Location"])["state"]
+        await env.browser.call("GET", f"/auth/oidc/callback?code=x&state={state}", follow=False)
+        assert (await login_with(env, lambda n: rs256(env.idp.claims(n)))).status == 302
+        assert env.idp.discovery_fetches == 3
