@@ -16,17 +16,26 @@ installs it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
 import flask
 import werkzeug.serving
-from authlib.oauth2.rfc6750 import BearerTokenGenerator  # type: ignore[import-untyped]
-from authlib.oauth2.rfc7009 import RevocationEndpoint  # type: ignore[import-untyped]
-from oidc_provider_mock import _app as mock_internals  # type: ignore[import-untyped]
-from oidc_provider_mock import app as mock_app
+
+with warnings.catch_warnings():
+    # Authlib deprecates modules the package still imports: not the demo's concern.
+    # (Authlib installs an "always" filter for its warnings on import: ours goes after.)
+    import authlib.deprecate  # type: ignore[import-untyped]  # noqa: F401
+
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from authlib.oauth2.rfc6750 import BearerTokenGenerator  # type: ignore[import-untyped]
+    from authlib.oauth2.rfc7009 import RevocationEndpoint  # type: ignore[import-untyped]
+    from oidc_provider_mock import _app as mock_internals  # type: ignore[import-untyped]
+    from oidc_provider_mock import app as mock_app
 
 WSGIApp = Callable[..., Any]
 
@@ -87,6 +96,7 @@ def provider_app(access_ttl: int, *, refresh_tokens: bool = True) -> flask.Flask
 @contextlib.contextmanager
 def serve_in_thread(app: WSGIApp, host: str, port: int) -> Iterator[int]:
     """Serve a WSGI app on a background thread; yield its port."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request
     server = werkzeug.serving.make_server(host, port, app, threaded=True)
     thread = threading.Thread(
         target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
