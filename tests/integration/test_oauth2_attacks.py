@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -470,7 +471,10 @@ def started_flow(started: Reply) -> dict[str, str]:
 async def test_no_token_or_code_in_any_response_url_or_log_line(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    with oidc_provider(monkeypatch, access_ttl=2) as provider, captured_json_logs() as logs:
+    with (
+        oidc_provider(monkeypatch, access_ttl=2) as provider,
+        captured_json_logs("bff", logging.INFO) as logs,
+    ):
         async with oidc_env(provider, refresh_skew=1) as env:
             replies: list[Reply] = []
             started = await start_login(env.browser, "/app")
