@@ -11,9 +11,10 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# `make run` needs only the runtime dependencies: quick on a fresh clone.
+# `make run` needs only the runtime dependencies (and the demo's OpenID Connect
+# provider): quick on a fresh clone.
 $(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[demo]'
 	touch $@
 
 $(TEST_STAMP): pyproject.toml | $(BIN)/python

@@ -8,37 +8,26 @@ the gateway produces goes through ``error_response``.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import HttpVersion11, web
 from multidict import CIMultiDict
 from redis.asyncio import Redis
 
-from gateway.auth.cluster import LEASE_SECONDS, ClusterRefresher
 from gateway.auth.csrf import UNSAFE_METHODS, CsrfPolicy
-from gateway.auth.password import PasswordLogin
-from gateway.auth.refresh import (
-    InvalidAnswer,
-    RefreshCoordinator,
-    Refresher,
-    RefreshRejected,
-    RefreshUnavailable,
-)
-from gateway.config import Config, PasswordProvider, Route
+from gateway.auth.endpoints import AuthEndpoints
+from gateway.auth.provider import ProviderRuntime
+from gateway.auth.registry import build_providers
+from gateway.auth.session_access import SessionAccess
+from gateway.client_origin import ClientOrigin
+from gateway.config import Config, Route
+from gateway.context import Context
 from gateway.errors import GatewayError, UpstreamFailure, error_response, method_not_allowed
-from gateway.headers import (
-    ForwardedFor,
-    connection_named,
-    from_trusted_proxy,
-    request_id,
-    response_headers,
-    upstream_request_headers,
-)
+from gateway.headers import request_id, response_headers, upstream_request_headers
 from gateway.observability.logs import ACCESS, EVENTS, AccessRecord, log_access
 from gateway.observability.metrics import Metrics
 from gateway.proxy import (
@@ -51,8 +40,7 @@ from gateway.proxy import (
     upstream_failure,
 )
 from gateway.routing import RouteTable, split_target, upstream_path
-from gateway.sessions.manager import Absent, SessionManager, SessionState
-from gateway.sessions.model import Session
+from gateway.sessions.manager import SessionManager, SessionState
 from gateway.sessions.redis_store import RedisStore
 from gateway.sessions.seal import KeyRing
 from gateway.sessions.stores import CookieStore, MemoryStore, SessionStore, StoreUnavailable
@@ -63,15 +51,6 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _OVERLOADED = GatewayError(
     503, "overloaded", "the gateway is at its request limit; retry shortly", {"Retry-After": "1"}
 )
-
-
-@dataclass(slots=True)
-class ProviderRuntime:
-    name: str
-    login: PasswordLogin
-    coordinator: RefreshCoordinator
-    refresh_on: frozenset[int]
-    skew: float
 
 
 @dataclass(slots=True)
@@ -86,21 +65,6 @@ class Target:
     provider: ProviderRuntime | None
     forward_cookies: bool
     drop: frozenset[str]
-
-
-@dataclass(slots=True)
-class Context:
-    """What one request carries through the pipeline."""
-
-    start: float
-    request_id: str
-    route: str = "unmatched"
-    upstream_seconds: float | None = None
-    refresh_tried: bool = False  # at most one refresh per request, whatever its outcome
-    refreshed: bool = False  # a refresh succeeded (logged)
-    bytes_in: int = 0  # a body the gateway read itself (login)
-    body: RequestBody | None = None  # a body streamed upstream (its size is logged)
-    states: list[SessionState] = field(default_factory=list)
 
 
 class Gateway:
@@ -125,8 +89,9 @@ class Gateway:
         self.max_in_flight = server.limits.max_in_flight
         self.body_timeout = server.limits.body_timeout
         self.in_flight = 0
-        self.trusted = tuple(server.trusted_proxies)
-        self.scheme = "https" if server.tls is not None else "http"
+        self.origin = ClientOrigin(
+            server.trusted_proxies, "https" if server.tls is not None else "http"
+        )
         session_config = config.session
         self.csrf = CsrfPolicy(
             session_config.csrf.header, server.public_origin, session_config.csrf.allowed_origins
@@ -138,37 +103,22 @@ class Gateway:
         keys = [(k.id, k.key_bytes()) for k in session_config.keys] or [("none", os.urandom(32))]
         keyring = KeyRing(keys)
         self.store = build_store(config, keyring, redis)
-        self.sessions: SessionManager | None = (
-            SessionManager(session_config, keyring, self.store) if session_config.keys else None
+        self.sessions: SessionAccess | None = (
+            SessionAccess(SessionManager(session_config, keyring, self.store))
+            if session_config.keys
+            else None
         )
-        self.providers: dict[str, ProviderRuntime] = {}
-        for name, provider in config.providers.items():
-            if isinstance(provider, PasswordProvider):
-                login = PasswordLogin(name, provider, client, server.timeouts)
-                refresher: Refresher = login
-                if redis is not None:
-                    timeouts = server.timeouts
-                    refresher = ClusterRefresher(
-                        login,
-                        redis,
-                        keyring,
-                        grace=provider.refresh_grace,
-                        wait_limit=(timeouts.connect or 60) + (timeouts.read or 60) + LEASE_SECONDS,
-                    )
-                self.providers[name] = ProviderRuntime(
-                    name=name,
-                    login=login,
-                    coordinator=RefreshCoordinator(
-                        refresher, provider.refresh_grace, metrics.refresh_result
-                    ),
-                    refresh_on=frozenset(provider.refresh_on),
-                    skew=provider.refresh_skew,
-                )
+        self.providers = build_providers(config, client, keyring, redis, metrics.refresh_result)
         self.table = RouteTable(config.routes)
         self.targets = [self._target(route) for route in config.routes]
-        from gateway.auth.endpoints import AuthEndpoints
-
-        self.auth = AuthEndpoints(self)
+        self.auth = AuthEndpoints(
+            self.providers,
+            self.sessions,
+            self.csrf,
+            self.origin.own_origin,
+            server.public_origin,
+            metrics,
+        )
 
     def _target(self, route: Route) -> Target:
         server = self.config.server
@@ -303,12 +253,8 @@ class Gateway:
 
     async def add_session_cookies(self, headers: CIMultiDict[str], ctx: Context) -> None:
         """Save what changed in this request's sessions; add their Set-Cookie lines."""
-        if self.sessions is None:
-            return
-        for state in ctx.states:
-            if state.dirty or state.cleared:
-                for line in await self.sessions.commit(state):
-                    headers.add("Set-Cookie", line)
+        if self.sessions is not None:
+            await self.sessions.add_cookies(headers, ctx)
 
     async def _dispatch(self, request: web.BaseRequest, ctx: Context) -> web.StreamResponse:
         path, query = split_target(request.raw_path)
@@ -335,13 +281,15 @@ class Gateway:
 
         state: SessionState | None = None
         provider = target.provider
-        forwarded = self.forwarded_for(request)
+        forwarded = self.origin.forwarded_for(request)
+        sessions = self.sessions
         if provider is not None:
             if request.method in UNSAFE_METHODS:
                 self.csrf.check(
-                    request.method, request.headers, self.own_origin(request, forwarded)
+                    request.method, request.headers, self.origin.own_origin(request, forwarded)
                 )
-            state = await self.require_session(request, provider, ctx)
+            assert sessions is not None  # config validation: a provider needs keys
+            state = await sessions.require(request, provider, ctx)
 
         expects_continue = request.headers.get("Expect", "").lower() == "100-continue"
         if expects_continue and request.version >= HttpVersion11:
@@ -389,13 +337,14 @@ class Gateway:
                     and state is not None
                     and not ctx.refresh_tried
                     and answer.status in provider.refresh_on
-                    and self.can_refresh(provider, state)
+                    and sessions is not None
+                    and sessions.can_refresh(provider, state)
                 )
                 if wants_refresh and body is not None and not body.replayable:
                     # Too big to replay: the client gets this answer, but the
                     # next request already carries the refreshed session.
-                    assert provider is not None and state is not None
-                    await self.refresh(provider, state, ctx)
+                    assert provider is not None and state is not None and sessions is not None
+                    await sessions.refresh(provider, state, ctx)
                     wants_refresh = False
                 if not wants_refresh:
                     response = reply_to(answer)
@@ -405,112 +354,15 @@ class Gateway:
                     return await relay(request, answer, response)
             finally:
                 answer.release()
-            assert provider is not None and state is not None
-            session = await self.refresh(provider, state, ctx)
+            assert provider is not None and state is not None and sessions is not None
+            session = await sessions.refresh(provider, state, ctx)
             headers["Authorization"] = f"Bearer {session.access_token}"  # for the replay
-
-    # -- sessions ------------------------------------------------------------
-
-    async def require_session(
-        self, request: web.BaseRequest, provider: ProviderRuntime, ctx: Context
-    ) -> SessionState:
-        """The request's live session for ``provider``, refreshed if about to expire."""
-        assert self.sessions is not None
-        now = time.time()
-        state = await self.sessions.load(
-            self.sessions.read_cookies(request.headers), provider.name, now
-        )
-        ctx.states.append(state)
-        if state.session is None:
-            if state.absent is not Absent.NONE:
-                await self.sessions.clear(state)
-            if state.absent is Absent.EXPIRED:
-                raise session_expired()
-            raise GatewayError(401, "login_required", "log in first")
-        expires_at = state.session.expires_at
-        if expires_at is not None and expires_at - provider.skew <= now:
-            if self.can_refresh(provider, state):
-                await self.refresh(provider, state, ctx)
-            elif expires_at <= now:
-                await self.sessions.clear(state)
-                raise session_expired()
-        return state
-
-    @staticmethod
-    def can_refresh(provider: ProviderRuntime, state: SessionState) -> bool:
-        return (
-            provider.login.can_refresh
-            and state.session is not None
-            and state.session.refresh_token is not None
-        )
-
-    async def refresh(
-        self, provider: ProviderRuntime, state: SessionState, ctx: Context
-    ) -> Session:
-        """Refresh the session's tokens (single flight); return the new session."""
-        assert self.sessions is not None and state.session is not None
-        assert state.session.refresh_token is not None
-        ctx.refresh_tried = True
-        try:
-            tokens = await provider.coordinator.refresh(
-                state.session.refresh_token, state.session.access_token
-            )
-        except RefreshRejected:
-            await self.sessions.clear(state)
-            raise session_expired() from None
-        except RefreshUnavailable:
-            raise GatewayError(
-                503, "refresh_unavailable", "the token service is unavailable; try again"
-            ) from None
-        except InvalidAnswer:
-            raise GatewayError(
-                502, "upstream_invalid_response", "the token service answered without a token"
-            ) from None
-        ctx.refreshed = True
-        session = state.session.with_tokens(tokens, time.time())
-        self.sessions.replace(state, session)
-        return session
-
-    # -- where the request came from -----------------------------------------
-
-    def _trusted_peer(self, request: web.BaseRequest) -> bool:
-        if not self.trusted or not request.remote:
-            return False
-        try:
-            address = ipaddress.ip_address(request.remote)
-        except ValueError:
-            return False
-        return any(address in network for network in self.trusted)
-
-    def forwarded_for(self, request: web.BaseRequest) -> ForwardedFor:
-        return ForwardedFor(
-            client_ip=request.remote or "",
-            proto=self.scheme,
-            host=request.headers.get("Host", ""),
-            trusted=self._trusted_peer(request),
-        )
-
-    def own_origin(self, request: web.BaseRequest, forwarded: ForwardedFor | None = None) -> str:
-        """The origin the browser used: from a trusted proxy's X-Forwarded-Proto/-Host
-        (read by the same rule as when forwarding them), else this listener's."""
-        forwarded = forwarded or self.forwarded_for(request)
-        proto, host = forwarded.proto, forwarded.host
-        if forwarded.trusted:
-            headers = request.headers
-            named = connection_named(headers)
-            proto = from_trusted_proxy(headers, named, "X-Forwarded-Proto") or proto
-            host = from_trusted_proxy(headers, named, "X-Forwarded-Host") or host
-        return f"{proto.split(',')[0].strip()}://{host.split(',')[0].strip()}"
 
 
 def _bearer(state: SessionState | None) -> str | None:
     if state is None or state.session is None:
         return None
     return f"Bearer {state.session.access_token}"
-
-
-def session_expired() -> GatewayError:
-    return GatewayError(401, "session_expired", "the session has ended; log in again")
 
 
 def build_store(config: Config, keyring: KeyRing, redis: Redis | None) -> SessionStore:

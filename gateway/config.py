@@ -216,19 +216,82 @@ class PasswordProvider(_Strict):
     session_claims: list[str] = ["sub", "name", "email", "preferred_username", "roles", "scope"]
 
 
+_URL = r"^https?://[^\s]+$"
+# Parameters of the authorization request that the gateway itself sets.
+RESERVED_AUTHORIZE_PARAMS = frozenset(
+    {
+        "response_type",
+        "client_id",
+        "redirect_uri",
+        "scope",
+        "state",
+        "nonce",
+        "code_challenge",
+        "code_challenge_method",
+    }
+)
+
+
 class OAuth2Provider(_Strict):
+    """An OAuth 2.0 authorization server, OpenID Connect when ``scopes`` has ``openid``."""
+
     type: Literal["oauth2"]
-    issuer: str | None = None
-    authorize_url: str | None = None
-    token_url: str | None = None
-    revocation_url: str | None = None
-    client_id: str
+    issuer: str | None = Field(None, pattern=_URL)  # OIDC discovery; the ID token's iss
+    authorize_url: str | None = Field(None, pattern=_URL)  # each URL overrides discovery
+    token_url: str | None = Field(None, pattern=_URL)
+    jwks_url: str | None = Field(None, pattern=_URL)
+    revocation_url: str | None = Field(None, pattern=_URL)
+    end_session_url: str | None = Field(None, pattern=_URL)
+    client_id: str = Field(min_length=1)
     client_secret: str | None = Field(None, repr=False)
+    # Default: client_secret_basic with a secret, none (PKCE only) without.
+    client_auth: Literal["client_secret_basic", "client_secret_post", "none"] | None = None
     scopes: list[str] = ["openid"]
+    authorize_params: dict[str, str] = {}
     refresh_on: list[Annotated[int, Field(ge=400, le=599)]] = [401]
     refresh_skew: float = Field(30, ge=0)
     refresh_grace: float = Field(60, ge=0)
     session_claims: list[str] = ["sub", "name", "email", "preferred_username", "roles", "scope"]
+
+    @property
+    def oidc(self) -> bool:
+        return "openid" in self.scopes
+
+    @property
+    def auth_method(self) -> str:
+        if self.client_auth is not None:
+            return self.client_auth
+        return "client_secret_basic" if self.client_secret else "none"
+
+
+def _oauth2_checks(name: str, provider: OAuth2Provider, dropped: frozenset[str]) -> list[str]:
+    """Rules across an oauth2 provider's keys; a key in ``dropped`` did not validate
+    (already reported), so the rules reading it are skipped."""
+    where = f"providers.{name}"
+    if any(key.startswith(f"{where}.") for key in dropped):
+        return []
+    problems = []
+    if provider.oidc and provider.issuer is None:
+        problems.append(
+            f"{where}.issuer: needed with the openid scope (discovery, and the ID token's iss)"
+        )
+    elif provider.issuer is None:
+        missing = [k for k in ("authorize_url", "token_url") if getattr(provider, k) is None]
+        problems.extend(f"{where}.{key}: needed when no issuer is set" for key in missing)
+    method = provider.auth_method
+    if method != "none" and not provider.client_secret:
+        problems.append(f"{where}.client_secret: needed when client_auth is {method}")
+    if method == "none" and provider.client_secret:
+        problems.append(
+            f"{where}.client_auth: none sends no secret; remove client_secret or choose "
+            "client_secret_basic or client_secret_post"
+        )
+    problems.extend(
+        f"{where}.authorize_params.{key}: set by the gateway itself"
+        for key in provider.authorize_params
+        if key in RESERVED_AUTHORIZE_PARAMS
+    )
+    return problems
 
 
 Provider = Annotated[PasswordProvider | OAuth2Provider, Field(discriminator="type")]
@@ -360,9 +423,7 @@ def _cross_checks(
             problems.append(f"{where}.tls.ca_file: {str(ca)!r} does not exist")
     for name, provider in (providers or {}).items():
         if isinstance(provider, OAuth2Provider):
-            problems.append(
-                f"providers.{name}.type: oauth2 is planned but not available in this version"
-            )
+            problems.extend(_oauth2_checks(name, provider, dropped))
     if session is not None:
         if (
             session.store == "redis"

@@ -36,7 +36,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import aiohappyeyeballs
 import aiohttp
@@ -49,8 +49,19 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import GatewayError, upstream_failure_of
 
-if TYPE_CHECKING:
-    from gateway.proxy import RequestBody
+
+class RequestBody(Protocol):
+    """What this client needs of a request body (``gateway.proxy.RequestBody`` is one).
+
+    A protocol rather than an import, so that this module does not depend on
+    the proxy module that depends on it.
+    """
+
+    @property
+    def replayable(self) -> bool: ...
+
+    def stream(self) -> AsyncIterator[bytes]: ...
+
 
 # RFC 9110 §9.2.2.
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})

@@ -69,8 +69,10 @@ class Browser:
         headers: dict[str, str] | None = None,
         cookies: dict[str, str] | None = None,
         csrf: bool = True,
+        follow: bool = True,
     ) -> Reply:
-        """``cookies`` replaces the jar for this call (and the jar is then left alone)."""
+        """``cookies`` replaces the jar for this call (and the jar is then left alone);
+        ``follow=False`` returns a redirect as it is."""
         sent: dict[str, str] = {}
         if csrf and method in UNSAFE:
             sent["X-CSRF"] = "1"
@@ -79,7 +81,12 @@ class Browser:
             sent["Cookie"] = "; ".join(f"{k}={v}" for k, v in jar.items())
         sent.update(headers or {})
         async with self.http.request(
-            method, self.base + path, json=json_body, data=data, headers=sent
+            method,
+            self.base + path,
+            json=json_body,
+            data=data,
+            headers=sent,
+            allow_redirects=follow,
         ) as response:
             reply = Reply(response.status, response.headers, await response.read())
         if cookies is None:

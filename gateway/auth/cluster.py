@@ -63,6 +63,7 @@ def _encode(tokens: Tokens | None) -> bytes:
             "refresh": tokens.refresh_token,
             "exp": tokens.expires_at,
             "claims": tokens.claims,
+            "id": tokens.id_token,
         }
     ).encode()
 
@@ -71,7 +72,9 @@ def _decode(data: bytes) -> SharedTokens | None:
     value = json.loads(data)
     if value.get("rejected"):
         return None
-    return SharedTokens(value["access"], value["refresh"], value["exp"], value["claims"])
+    return SharedTokens(
+        value["access"], value["refresh"], value["exp"], value["claims"], value.get("id")
+    )
 
 
 class ClusterRefresher:

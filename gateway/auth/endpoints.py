@@ -1,51 +1,71 @@
-"""``/auth/...`` on the public listener (SPEC §3)."""
+"""``/auth/...`` on the public listener (SPEC §3), for every provider type.
+
+Which steps a provider has is its own business (see ``Provider``): here are
+the rules common to all of them — the methods allowed, CSRF, sessions started
+and ended the same way, the login counter.
+"""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 from aiohttp import web
 
+from gateway.auth.csrf import UNSAFE_METHODS, CsrfPolicy
+from gateway.auth.provider import LoginStep, ProviderRuntime
+from gateway.auth.return_to import local_return_to, with_error
+from gateway.auth.session_access import SessionAccess
+from gateway.context import Context
 from gateway.errors import GatewayError, json_response, method_not_allowed
-from gateway.sessions.manager import SessionState
-from gateway.sessions.model import Session
+from gateway.observability.metrics import Metrics
 
-if TYPE_CHECKING:
-    from gateway.app import Context, Gateway, ProviderRuntime
-
-LOGIN_BODY_LIMIT = 64 * 1024
-_LOGIN_TYPES = ("application/json", "application/x-www-form-urlencoded")
+OriginOf = Callable[[web.BaseRequest], str]
 
 
 def _not_found() -> GatewayError:
     return GatewayError(404, "not_found", "no such auth endpoint")
 
 
-def _login_too_large() -> GatewayError:
-    return GatewayError(413, "payload_too_large", "the login body is over 64 KiB")
-
-
 class AuthEndpoints:
-    def __init__(self, gateway: Gateway) -> None:
-        self.gateway = gateway
+    def __init__(
+        self,
+        providers: dict[str, ProviderRuntime],
+        sessions: SessionAccess | None,
+        csrf: CsrfPolicy,
+        origin_of: OriginOf,
+        public_origin: str | None,
+        metrics: Metrics,
+    ) -> None:
+        self.providers = providers
+        self.sessions = sessions
+        self.csrf = csrf
+        self.origin_of = origin_of
+        self.public_origin = public_origin
+        self.metrics = metrics
 
     async def handle(self, request: web.BaseRequest, path: str, ctx: Context) -> web.StreamResponse:
         parts = path.split("/")  # ['', 'auth', P, action]
         method = request.method
         if path == "/auth/logout":
             self._allow(method, "POST")
-            return await self.logout(request, list(self.gateway.providers.values()), ctx)
-        if len(parts) != 4 or parts[2] not in self.gateway.providers:
+            return await self.logout(request, list(self.providers.values()), ctx)
+        if len(parts) != 4 or parts[2] not in self.providers:
             raise _not_found()
-        provider = self.gateway.providers[parts[2]]
+        provider = self.providers[parts[2]]
         ctx.route = f"/auth/{provider.name}"
+        browser_flow = provider.provider.browser_flow
         action = parts[3]
         if action == "login":
-            self._allow(method, "POST")
+            self._allow(method, "GET" if browser_flow else "POST")
             return await self.login(request, provider, ctx)
+        if action == "callback" and browser_flow:
+            self._allow(method, "GET")
+            return await self.callback(request, provider, ctx)
         if action == "logout":
-            self._allow(method, "POST")
+            if method == "GET" and browser_flow:
+                return await self.logout_redirect(request, provider, ctx)
+            self._allow(method, *(("GET", "POST") if browser_flow else ("POST",)))
             return await self.logout(request, [provider], ctx)
         if action == "session":
             self._allow(method, "GET", "HEAD")
@@ -57,78 +77,91 @@ class AuthEndpoints:
         if method not in allowed:
             raise method_not_allowed(method, allowed)
 
+    def _origin(self, request: web.BaseRequest) -> str:
+        return self.public_origin or self.origin_of(request)
+
     def _csrf(self, request: web.BaseRequest) -> None:
-        self.gateway.csrf.check(request.method, request.headers, self.gateway.own_origin(request))
+        self.csrf.check(request.method, request.headers, self.origin_of(request))
+
+    def _sessions(self) -> SessionAccess:
+        # Config validation demands session keys whenever a provider exists.
+        assert self.sessions is not None
+        return self.sessions
 
     async def _respond(self, response: web.Response, ctx: Context) -> web.Response:
-        await self.gateway.add_session_cookies(response.headers, ctx)
+        await self._sessions().add_cookies(response.headers, ctx)
         return response
 
     async def login(
         self, request: web.BaseRequest, provider: ProviderRuntime, ctx: Context
     ) -> web.Response:
-        self._csrf(request)
-        manager = self.gateway.sessions
-        assert manager is not None
-        content_type = request.content_type
-        if content_type not in _LOGIN_TYPES:
-            raise GatewayError(400, "bad_request", "send the credentials as JSON or a form")
-        length = request.content_length
-        if length is not None and length > LOGIN_BODY_LIMIT:
-            raise _login_too_large()
-        body = await _read_limited(request, LOGIN_BODY_LIMIT)
-        ctx.bytes_in = len(body)
+        if request.method in UNSAFE_METHODS:
+            self._csrf(request)
+        self._sessions()
         try:
-            result = await provider.login.login(body, request.headers.get("Content-Type", ""))
+            step = await provider.provider.start_login(request, self._origin(request))
         except GatewayError:
-            self.gateway.metrics.logins.labels(provider.name, "error").inc()
+            self.metrics.logins.labels(provider.name, "error").inc()
             raise
-        if result.tokens is None:
-            self.gateway.metrics.logins.labels(provider.name, "rejected").inc()
-            return json_response(result.body, result.status)
-        # A new login replaces whatever session this browser had for the provider.
-        state = await manager.load(
-            manager.read_cookies(request.headers), provider.name, time.time()
-        )
-        ctx.states.append(state)
-        await manager.forget(state)
-        manager.replace(state, Session.start(provider.name, result.tokens, time.time()))
-        self.gateway.metrics.logins.labels(provider.name, "success").inc()
-        return await self._respond(json_response(result.body, 200), ctx)
+        return await self._finish(request, provider, step, ctx)
+
+    async def callback(
+        self, request: web.BaseRequest, provider: ProviderRuntime, ctx: Context
+    ) -> web.Response:
+        self._sessions()
+        step = await provider.provider.finish_login(request, self._origin(request))
+        return await self._finish(request, provider, step, ctx)
+
+    async def _finish(
+        self, request: web.BaseRequest, provider: ProviderRuntime, step: LoginStep, ctx: Context
+    ) -> web.Response:
+        ctx.bytes_in = step.bytes_in
+        if step.result is not None:
+            self.metrics.logins.labels(provider.name, step.result).inc()
+        if step.tokens is not None:
+            await self._sessions().start(request, provider, step.tokens, ctx)
+        return await self._respond(step.response, ctx)
 
     async def logout(
         self, request: web.BaseRequest, providers: list[ProviderRuntime], ctx: Context
     ) -> web.Response:
         self._csrf(request)
-        manager = self.gateway.sessions
-        assert manager is not None
-        now = time.time()
-        cookies = manager.read_cookies(request.headers)
+        sessions = self._sessions()
         for provider in providers:
-            state = await manager.load(cookies, provider.name, now)
-            ctx.states.append(state)
-            session = state.session
-            await manager.clear(state)
+            session = await sessions.end(request, provider, ctx)
             if session is not None:
-                await provider.login.logout(session.access_token, session.refresh_token)
+                await provider.provider.revoke(session)
         return await self._respond(web.Response(status=204), ctx)
+
+    async def logout_redirect(
+        self, request: web.BaseRequest, provider: ProviderRuntime, ctx: Context
+    ) -> web.Response:
+        """``GET /auth/P/logout?return_to=/path``: a navigation that ends the session,
+        revokes the refresh token, then goes on to the provider's end-session endpoint
+        (RP-initiated logout) or back to ``return_to``."""
+        return_to = local_return_to(request.query.get("return_to"))
+        if request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
+            # Another site cannot log the user out by linking here.
+            return _redirect(with_error(return_to, "csrf_failed"))
+        session = await self._sessions().end(request, provider, ctx)
+        if session is not None:
+            await provider.provider.revoke(session)
+        target = provider.provider.end_session_url(session, self._origin(request))
+        return await self._respond(_redirect(target or return_to), ctx)
 
     async def session(
         self, request: web.BaseRequest, provider: ProviderRuntime, ctx: Context
     ) -> web.Response:
-        manager = self.gateway.sessions
-        assert manager is not None
+        sessions = self._sessions()
+        manager = sessions.manager
         now = time.time()
-        state: SessionState = await manager.load(
-            manager.read_cookies(request.headers), provider.name, now
-        )
-        ctx.states.append(state)
+        state = await sessions.load(request, provider, ctx)
         session = state.session
         if (
             session is not None
             and session.expires_at is not None
             and session.expires_at <= now
-            and not self.gateway.can_refresh(provider, state)
+            and not sessions.can_refresh(provider, state)
         ):
             # Expired and cannot be refreshed: the session is over (SPEC §4.3), so do not
             # tell the app it is logged in only for its next API call to fail.
@@ -152,12 +185,5 @@ class AuthEndpoints:
         )
 
 
-async def _read_limited(request: web.BaseRequest, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await request.content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise _login_too_large()
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _redirect(location: str) -> web.Response:
+    return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})

@@ -7,13 +7,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from aiohttp import web
 
+from gateway.auth.provider import LoginStep
 from gateway.auth.refresh import InvalidAnswer, RefreshRejected, RefreshUnavailable
 from gateway.auth.tokens import scrub, tokens_from_answer
 from gateway.config import PasswordProvider, Timeouts
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, json_response
 from gateway.proxy import client_timeout
-from gateway.sessions.model import Tokens
+from gateway.sessions.model import Session, Tokens
+
+LOGIN_BODY_LIMIT = 64 * 1024
+_LOGIN_TYPES = ("application/json", "application/x-www-form-urlencoded")
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +29,9 @@ class LoginResult:
 
 
 class PasswordLogin:
-    """Talks to a login API: login, refresh, logout."""
+    """Talks to a login API: login, refresh, logout (a ``Provider``)."""
+
+    browser_flow = False
 
     def __init__(
         self,
@@ -55,6 +62,28 @@ class PasswordLogin:
         secrets = [tokens.access_token, tokens.refresh_token or ""] if tokens else []
         fields = [self.config.access_token_field, self.config.refresh_token_field]
         return scrub(answer, fields, secrets)
+
+    async def start_login(self, request: web.BaseRequest, origin: str) -> LoginStep:
+        """``POST /auth/P/login``: the credentials are forwarded to ``login_url``."""
+        if request.content_type not in _LOGIN_TYPES:
+            raise GatewayError(400, "bad_request", "send the credentials as JSON or a form")
+        length = request.content_length
+        if length is not None and length > LOGIN_BODY_LIMIT:
+            raise _login_too_large()
+        body = await _read_limited(request, LOGIN_BODY_LIMIT)
+        result = await self.login(body, request.headers.get("Content-Type", ""))
+        if result.tokens is None:
+            return LoginStep(json_response(result.body, result.status), None, "rejected", len(body))
+        return LoginStep(json_response(result.body, 200), result.tokens, "success", len(body))
+
+    async def finish_login(self, request: web.BaseRequest, origin: str) -> LoginStep:
+        raise GatewayError(404, "not_found", "no such auth endpoint")
+
+    async def revoke(self, session: Session) -> None:
+        await self.logout(session.access_token, session.refresh_token)
+
+    def end_session_url(self, session: Session | None, origin: str) -> str | None:
+        return None
 
     async def login(self, body: bytes, content_type: str) -> LoginResult:
         headers = {"Content-Type": content_type or "application/json", "Accept": "application/json"}
@@ -163,3 +192,18 @@ def _fill_template(template: Any, refresh_token: str) -> Any:
     if isinstance(template, list):
         return [_fill_template(item, refresh_token) for item in template]
     return template
+
+
+def _login_too_large() -> GatewayError:
+    return GatewayError(413, "payload_too_large", "the login body is over 64 KiB")
+
+
+async def _read_limited(request: web.BaseRequest, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise _login_too_large()
+        chunks.append(chunk)
+    return b"".join(chunks)

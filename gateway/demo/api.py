@@ -30,6 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import aiohttp
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 from aiohttp.web_request import BaseRequest
@@ -368,6 +369,7 @@ class TokenAuthority:
 
 AUTHORITY_KEY: Final = web.AppKey("demo_authority", TokenAuthority)
 CLAIMS_KEY: Final = web.RequestKey("demo_claims", dict[str, Any])
+OIDC_CLAIMS_KEY: Final = web.RequestKey("demo_oidc_claims", dict[str, Any])
 
 
 # --------------------------------------------------------------------------- helpers
@@ -530,6 +532,45 @@ class _DemoAPI:
             return _invalid_token("the access token is invalid or expired")
         return None
 
+    def userinfo_resource(self, handler: Handler, userinfo_url: str) -> Handler:
+        """``handler`` behind the OpenID Connect provider's userinfo endpoint: a token
+        that endpoint accepts is valid (so expiry and revocation are the provider's)."""
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not token.strip():
+                self.stats.unauthorized_requests += 1
+                return _invalid_token("missing bearer token", token_sent=False)
+            try:
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.get(userinfo_url, headers={"Authorization": f"Bearer {token}"}) as answer,
+                ):
+                    claims = await answer.json() if answer.status == 200 else None
+            except (aiohttp.ClientError, ValueError):
+                return _error(503, "unavailable", "the identity provider did not answer")
+            if not isinstance(claims, dict):
+                self.stats.unauthorized_requests += 1
+                return _invalid_token("the access token is invalid or expired")
+            self.stats.authorized_requests += 1
+            request[OIDC_CLAIMS_KEY] = claims
+            return await handler(request)
+
+        return guarded
+
+    async def oidc_user(self, request: web.Request) -> web.Response:
+        claims = request[OIDC_CLAIMS_KEY]
+        sub = str(claims.get("sub", ""))
+        return _json(
+            {
+                "id": sub,
+                "username": sub,
+                "name": claims.get("name") or sub,
+                "email": claims.get("email"),
+                "roles": ["oidc"],
+            }
+        )
+
     # -- resources
 
     async def user(self, request: web.Request) -> web.Response:
@@ -666,12 +707,15 @@ def create_demo_api(
     refresh_delay: float = 0.0,
     *,
     token_padding: int = 0,
+    oidc_userinfo: str | None = None,
 ) -> web.Application:
     """Build the demo API.
 
     ``access_ttl`` may be tiny or negative (tokens born expired); ``refresh_delay``
     makes ``/refresh-token`` sleep before answering; ``token_padding`` adds that many
-    bytes to every access token (for cookie-chunking tests).
+    bytes to every access token (for cookie-chunking tests). With ``oidc_userinfo``
+    (an OpenID Connect provider's userinfo URL), ``/oidc/user``, ``/oidc/items``,
+    ``/oidc/events`` and ``/oidc/download`` accept that provider's access tokens.
     """
     stats = stats if stats is not None else DemoStats()
     authority = TokenAuthority(
@@ -708,6 +752,16 @@ def create_demo_api(
         allow_head = path in ("/public/headers", "/public/download")
         app.router.add_get(path, api.resource(handler, public=True), allow_head=allow_head)
     app.router.add_route("*", "/public/echo", api.resource(api.echo, public=True))
+
+    if oidc_userinfo is not None:
+        for path, handler in (
+            ("/oidc/user", api.oidc_user),
+            ("/oidc/items", api.items),
+            ("/oidc/events", api.events),
+            ("/oidc/download", api.download),
+        ):
+            guarded = api.userinfo_resource(handler, oidc_userinfo)
+            app.router.add_get(path, guarded, allow_head=False)
 
     async def counters(_: web.Request) -> web.Response:
         # Numbers only, for `make load`'s refresh-storm check; never tokens.

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from aiohttp import web
@@ -13,6 +15,8 @@ from gateway.sessions.seal import new_key_text
 
 DEMO_API_HOST = "127.0.0.1"
 DEMO_API_PORT = 8081
+OIDC_PORT = 8082  # the demo's OpenID Connect provider (config.yaml's issuer)
+OIDC_TOKEN_SECONDS = 30
 KEY_FILE = ".bff-demo-key"
 
 
@@ -27,11 +31,42 @@ def demo_key(directory: Path) -> str:
     return key
 
 
+@contextlib.contextmanager
+def _oidc_provider() -> Iterator[str | None]:
+    """The demo's OpenID Connect provider on a thread; its userinfo URL, or None
+    (with a note) when the ``demo`` extra is not installed or the port is taken."""
+    try:
+        from gateway.demo.oidc import provider_app, serve_in_thread
+    except ImportError:
+        print(
+            "  (no OpenID Connect provider: install the demo extra, "
+            "pip install -e '.[demo]', for the second sign-in)",
+            flush=True,
+        )
+        yield None
+        return
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(
+                serve_in_thread(provider_app(OIDC_TOKEN_SECONDS), DEMO_API_HOST, OIDC_PORT)
+            )
+        except OSError as exc:
+            print(f"  (no OpenID Connect provider: port {OIDC_PORT}: {exc.strerror})", flush=True)
+            yield None
+            return
+        yield f"http://{DEMO_API_HOST}:{OIDC_PORT}/userinfo"
+
+
 async def _serve(config: Config) -> None:
+    with _oidc_provider() as userinfo:
+        await _serve_with(config, userinfo)
+
+
+async def _serve_with(config: Config, userinfo: str | None) -> None:
     from gateway.demo.api import create_demo_api
     from gateway.server import check_port_free, serve_single
 
-    runner = web.AppRunner(create_demo_api(), access_log=None)
+    runner = web.AppRunner(create_demo_api(oidc_userinfo=userinfo), access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, DEMO_API_HOST, DEMO_API_PORT).start()
@@ -45,7 +80,8 @@ async def _serve(config: Config) -> None:
         scheme = "https" if config.server.tls else "http"
         print(
             f"\n  bff-gateway demo is up: open {scheme}://{config.server.listen}/"
-            f"  (log in as demo / demo; Ctrl-C stops)\n",
+            f"  (log in as demo / demo, or sign in with OpenID Connect as anyone;"
+            f" Ctrl-C stops)\n",
             flush=True,
         )
         await serve_single(config)

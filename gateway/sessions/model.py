@@ -17,6 +17,8 @@ class Tokens:
     refresh_token: str | None = field(repr=False)
     expires_at: float | None
     claims: dict[str, Any]
+    # OpenID Connect: kept for the end-session request's id_token_hint, never shown.
+    id_token: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +30,7 @@ class Session:
     created_at: float
     last_seen: float
     claims: dict[str, Any]
+    id_token: str | None = field(default=None, repr=False)
 
     @classmethod
     def start(cls, provider: str, tokens: Tokens, now: float) -> Session:
@@ -39,6 +42,7 @@ class Session:
             created_at=now,
             last_seen=now,
             claims=tokens.claims,
+            id_token=tokens.id_token,
         )
 
     def with_tokens(self, tokens: Tokens, now: float) -> Session:
@@ -48,6 +52,7 @@ class Session:
             refresh_token=tokens.refresh_token or self.refresh_token,
             expires_at=tokens.expires_at,
             claims=tokens.claims or self.claims,
+            id_token=tokens.id_token or self.id_token,
             last_seen=now,
         )
 
@@ -55,26 +60,30 @@ class Session:
         return replace(self, last_seen=now)
 
     def to_bytes(self) -> bytes:
-        return json.dumps(
-            [
-                _FORMAT,
-                self.provider,
-                self.access_token,
-                self.refresh_token,
-                self.expires_at,
-                self.created_at,
-                self.last_seen,
-                self.claims,
-            ],
-            separators=(",", ":"),
-        ).encode()
+        fields: list[Any] = [
+            _FORMAT,
+            self.provider,
+            self.access_token,
+            self.refresh_token,
+            self.expires_at,
+            self.created_at,
+            self.last_seen,
+            self.claims,
+        ]
+        if self.id_token is not None:  # only OpenID Connect sessions carry the ninth field
+            fields.append(self.id_token)
+        return json.dumps(fields, separators=(",", ":")).encode()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Session | None:
         """Decode, or None for anything that is not a session of this format."""
         try:
-            fmt, provider, access, refresh, expires_at, created, seen, claims = json.loads(data)
-        except (ValueError, TypeError):
+            fields = json.loads(data)
+            fmt, provider, access, refresh, expires_at, created, seen, claims = fields[:8]
+            id_token = fields[8] if len(fields) == 9 else None
+        except (ValueError, TypeError, KeyError):
+            return None
+        if not isinstance(fields, list) or len(fields) not in (8, 9):
             return None
         valid = (
             fmt == _FORMAT
@@ -85,7 +94,8 @@ class Session:
             and isinstance(created, int | float)
             and isinstance(seen, int | float)
             and isinstance(claims, dict)
+            and (id_token is None or isinstance(id_token, str))
         )
         if not valid:
             return None
-        return cls(provider, access, refresh, expires_at, created, seen, claims)
+        return cls(provider, access, refresh, expires_at, created, seen, claims, id_token)

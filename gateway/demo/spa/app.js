@@ -3,15 +3,26 @@
 // It talks only to its own origin (the gateway):
 //   POST /auth/demo/login, GET /auth/demo/session, POST /auth/demo/logout
 //   GET  /api/demo/user, /api/demo/items, /api/demo/events (SSE), /api/demo/download
+// or, signed in with OpenID Connect (provider "oidc"): the link to
+//   GET /auth/oidc/login?return_to=/ (the gateway sends the browser to the provider
+//   and back), the same calls under /auth/oidc and /api/oidc, and the navigation to
+//   GET /auth/oidc/logout?return_to=/ (ends the provider's session too).
 // It never sees a token: the session lives in a sealed HttpOnly cookie that the
 // browser sends by itself. Everything inserted into the page goes through
 // textContent, never innerHTML.
 "use strict";
 
 (() => {
-  const PROVIDER = "demo";
-  const AUTH = `/auth/${PROVIDER}`;
-  const API = `/api/${PROVIDER}`;
+  const PROVIDERS = ["demo", "oidc"]; // password login, OpenID Connect
+  let provider = "demo";
+  let AUTH = `/auth/${provider}`;
+  let API = `/api/${provider}`;
+
+  function useProvider(name) {
+    provider = name;
+    AUTH = `/auth/${name}`;
+    API = `/api/${name}`;
+  }
   const AUTO_CALL_MS = 5000;
   const POLL_MS = 1000;
   const SSE_COUNT = 30;
@@ -462,6 +473,7 @@
     button.disabled = true;
     button.textContent = "Signing in…";
     try {
+      useProvider("demo");
       const answer = await request("POST", `${AUTH}/login`, { username, password });
       setStatus("");
       let session = null;
@@ -480,6 +492,13 @@
   }
 
   async function onLogout() {
+    if (provider === "oidc") {
+      // A navigation: the gateway ends the session, revokes the refresh token and
+      // sends the browser to the provider's end-session page, which comes back here.
+      stopAll();
+      window.location.assign(`${AUTH}/logout?return_to=/`);
+      return;
+    }
     const button = $("logout-button");
     button.disabled = true;
     try {
@@ -505,13 +524,22 @@
     });
     $("download-button").addEventListener("click", download);
     renderBrowserStorage();
+    // A sign-in that failed comes back with ?bff_error=<code>: say so, then tidy the URL.
+    const params = new URLSearchParams(window.location.search);
+    const failed = params.get("bff_error");
+    if (failed) window.history.replaceState(null, "", window.location.pathname);
     try {
-      const session = await request("GET", `${AUTH}/session`);
-      if (session && session.authenticated === true) {
-        enterApp(session, null);
-        return;
+      for (const name of PROVIDERS) {
+        useProvider(name);
+        const session = await request("GET", `${AUTH}/session`);
+        if (session && session.authenticated === true) {
+          enterApp(session, null);
+          return;
+        }
       }
+      useProvider("demo");
       showLogin();
+      if (failed) setStatus(`Sign-in failed: ${failed}`);
     } catch (err) {
       showLogin();
       setStatus(describe(err));

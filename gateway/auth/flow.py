@@ -1,0 +1,193 @@
+"""The state of one authorization-code login between ``/login`` and ``/callback``.
+
+It rides in the browser, in a short-lived cookie sealed like the session
+(AES-256-GCM, bound to its name), with ``SameSite=Lax`` so that the
+authorization server's redirect back (a cross-site top-level navigation)
+carries it. One cookie per flow, named after a hash of its ``state``: logins
+started in several tabs at once do not overwrite each other, and the callback
+finds its own flow by the ``state`` it is handed.
+
+A flow is single use: the ledger remembers the flows that reached the callback
+(in Redis when there is one, so across workers and replicas), and a replayed
+flow cookie is refused even before the provider sees its code.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway.config import SessionConfig
+from gateway.headers import Headers
+from gateway.sessions.seal import KeyRing
+
+FLOW_SECONDS = 600
+MAX_PARALLEL_FLOWS = 3  # logins under way in one browser; older ones are dropped
+_EXPIRED_DATE = "Thu, 01 Jan 1970 00:00:00 GMT"
+
+
+def random_token(size: int = 32) -> str:
+    return base64.urlsafe_b64encode(secrets.token_bytes(size)).rstrip(b"=").decode()
+
+
+def pkce_challenge(verifier: str) -> str:
+    """RFC 7636 S256."""
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    provider: str
+    state: str
+    verifier: str  # PKCE code_verifier
+    nonce: str | None  # OpenID Connect only
+    return_to: str
+    expires_at: float
+
+    @classmethod
+    def start(cls, provider: str, return_to: str, oidc: bool) -> Flow:
+        return cls(
+            provider=provider,
+            state=random_token(),
+            verifier=random_token(48),  # 64 characters: RFC 7636 wants 43 to 128
+            nonce=random_token() if oidc else None,
+            return_to=return_to,
+            expires_at=time.time() + FLOW_SECONDS,
+        )
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            [self.provider, self.state, self.verifier, self.nonce, self.return_to, self.expires_at]
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Flow | None:
+        try:
+            provider, state, verifier, nonce, return_to, expires_at = json.loads(data)
+        except (ValueError, TypeError):
+            return None
+        if not (
+            isinstance(provider, str)
+            and isinstance(state, str)
+            and isinstance(verifier, str)
+            and (nonce is None or isinstance(nonce, str))
+            and isinstance(return_to, str)
+            and isinstance(expires_at, int | float)
+        ):
+            return None
+        return cls(provider, state, verifier, nonce, return_to, expires_at)
+
+
+def flow_digest(state: str) -> str:
+    return hashlib.sha256(state.encode()).hexdigest()
+
+
+class FlowCookies:
+    def __init__(self, session: SessionConfig, keyring: KeyRing) -> None:
+        self._keyring = keyring
+        self._base = f"__Host-{session.cookie_prefix}" if session.secure else session.cookie_prefix
+        # "~" cannot appear in a cookie_prefix or provider name: no session cookie
+        # is ever named like a flow cookie.
+        attributes = ["Path=/", "HttpOnly", "SameSite=Lax"]
+        if session.secure:
+            attributes.insert(1, "Secure")
+        self._attributes = "; ".join(attributes)
+
+    def name(self, state: str) -> str:
+        return f"{self._base}~flow-{flow_digest(state)[:24]}"
+
+    def set_cookie(self, flow: Flow) -> str:
+        name = self.name(flow.state)
+        value = self._keyring.seal(flow.to_bytes(), name)
+        return f"{name}={value}; Max-Age={FLOW_SECONDS}; {self._attributes}"
+
+    def clear_cookie(self, state: str) -> str:
+        return self.clear_named(self.name(state))
+
+    def stale(self, headers: Headers) -> list[str]:
+        """Names of this browser's flow cookies to expire before a new flow starts:
+        any that does not unseal, and all but the newest ``MAX_PARALLEL_FLOWS - 1``.
+
+        Abandoned logins would otherwise pile up in the Cookie header (each is
+        about 400 bytes) until it outgrows ``max_header_size``.
+        """
+        marker = f"{self._base}~flow-"
+        found: list[tuple[float, str]] = []
+        drop: list[str] = []
+        for line in headers.getall("Cookie", ()):
+            for pair in line.split(";"):
+                name, _, value = pair.strip().partition("=")
+                if not name.startswith(marker):
+                    continue
+                unsealed = self._keyring.unseal(value, name)
+                flow = Flow.from_bytes(unsealed.plaintext) if unsealed is not None else None
+                if flow is None:
+                    drop.append(name)
+                else:
+                    found.append((flow.expires_at, name))
+        found.sort(reverse=True)
+        drop.extend(name for _, name in found[MAX_PARALLEL_FLOWS - 1 :])
+        return drop
+
+    def clear_named(self, name: str) -> str:
+        return f"{name}=; Max-Age=0; Expires={_EXPIRED_DATE}; {self._attributes}"
+
+    def read(self, headers: Headers, state: str) -> Flow | None:
+        """The flow whose cookie the browser sent for ``state``; None if absent or forged."""
+        name = self.name(state)
+        value = _cookie(headers, name)
+        if value is None:
+            return None
+        unsealed = self._keyring.unseal(value, name)
+        if unsealed is None:
+            return None
+        flow = Flow.from_bytes(unsealed.plaintext)
+        if flow is None or not secrets.compare_digest(flow.state, state):
+            return None
+        return flow
+
+
+def _cookie(headers: Headers, name: str) -> str | None:
+    for line in headers.getall("Cookie", ()):
+        for pair in line.split(";"):
+            key, _, value = pair.strip().partition("=")
+            if key == name:
+                return value
+    return None
+
+
+class FlowLedger:
+    """Which flows already reached the callback (each is single use)."""
+
+    def __init__(self, redis: Redis | None) -> None:
+        self._redis = redis
+        self._used: dict[str, float] = {}
+
+    async def first_use(self, flow: Flow) -> bool:
+        """True the first time a flow is presented, False on any replay."""
+        digest = flow_digest(flow.state)
+        now = time.time()
+        if self._redis is not None:
+            try:
+                taken = await self._redis.set(
+                    f"bff:flow:used:{digest}", b"1", nx=True, ex=FLOW_SECONDS + 60
+                )
+                return bool(taken)
+            except RedisError:
+                pass  # fall back to this process's memory
+        used = self._used
+        # Forget flows that have expired anyway (their cookie is refused on its expiry).
+        for key in [k for k, until in used.items() if until <= now]:
+            del used[key]
+        if digest in used:
+            return False
+        used[digest] = flow.expires_at + 60
+        return True

@@ -1,0 +1,120 @@
+"""A request's sessions: require one, refresh it (single flight), start or end one,
+and write what changed (SPEC §4.3, §6). Shared by the request path and the auth
+endpoints, whatever the provider's type."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.auth.provider import ProviderRuntime
+from gateway.auth.refresh import InvalidAnswer, RefreshRejected, RefreshUnavailable
+from gateway.context import Context
+from gateway.errors import GatewayError
+from gateway.sessions.manager import Absent, SessionManager, SessionState
+from gateway.sessions.model import Session, Tokens
+
+
+def session_expired() -> GatewayError:
+    return GatewayError(401, "session_expired", "the session has ended; log in again")
+
+
+class SessionAccess:
+    def __init__(self, manager: SessionManager) -> None:
+        self.manager = manager
+
+    async def load(
+        self, request: web.BaseRequest, provider: ProviderRuntime, ctx: Context
+    ) -> SessionState:
+        """The request's session state for ``provider`` (written back on its response)."""
+        manager = self.manager
+        state = await manager.load(
+            manager.read_cookies(request.headers), provider.name, time.time()
+        )
+        ctx.states.append(state)
+        return state
+
+    async def require(
+        self, request: web.BaseRequest, provider: ProviderRuntime, ctx: Context
+    ) -> SessionState:
+        """The request's live session for ``provider``, refreshed if about to expire."""
+        # Not through self.load: this is every session request's path, and each
+        # coroutine layer costs on every suspension and resumption.
+        manager = self.manager
+        now = time.time()
+        state = await manager.load(manager.read_cookies(request.headers), provider.name, now)
+        ctx.states.append(state)
+        if state.session is None:
+            if state.absent is not Absent.NONE:
+                await self.manager.clear(state)
+            if state.absent is Absent.EXPIRED:
+                raise session_expired()
+            raise GatewayError(401, "login_required", "log in first")
+        expires_at = state.session.expires_at
+        if expires_at is not None and expires_at - provider.skew <= now:
+            if self.can_refresh(provider, state):
+                await self.refresh(provider, state, ctx)
+            elif expires_at <= now:
+                await self.manager.clear(state)
+                raise session_expired()
+        return state
+
+    @staticmethod
+    def can_refresh(provider: ProviderRuntime, state: SessionState) -> bool:
+        return (
+            provider.provider.can_refresh
+            and state.session is not None
+            and state.session.refresh_token is not None
+        )
+
+    async def refresh(
+        self, provider: ProviderRuntime, state: SessionState, ctx: Context
+    ) -> Session:
+        """Refresh the session's tokens (single flight); return the new session."""
+        assert state.session is not None and state.session.refresh_token is not None
+        ctx.refresh_tried = True
+        try:
+            tokens = await provider.coordinator.refresh(
+                state.session.refresh_token, state.session.access_token
+            )
+        except RefreshRejected:
+            await self.manager.clear(state)
+            raise session_expired() from None
+        except RefreshUnavailable:
+            raise GatewayError(
+                503, "refresh_unavailable", "the token service is unavailable; try again"
+            ) from None
+        except InvalidAnswer:
+            raise GatewayError(
+                502, "upstream_invalid_response", "the token service answered without a token"
+            ) from None
+        ctx.refreshed = True
+        session = state.session.with_tokens(tokens, time.time())
+        self.manager.replace(state, session)
+        return session
+
+    async def start(
+        self, request: web.BaseRequest, provider: ProviderRuntime, tokens: Tokens, ctx: Context
+    ) -> None:
+        """A new login replaces whatever session this browser had for the provider."""
+        state = await self.load(request, provider, ctx)
+        await self.manager.forget(state)
+        self.manager.replace(state, Session.start(provider.name, tokens, time.time()))
+
+    async def end(
+        self, request: web.BaseRequest, provider: ProviderRuntime, ctx: Context
+    ) -> Session | None:
+        """End the session (store entry deleted, cookies expired); return what it was."""
+        state = await self.load(request, provider, ctx)
+        session = state.session
+        await self.manager.clear(state)
+        return session
+
+    async def add_cookies(self, headers: CIMultiDict[str], ctx: Context) -> None:
+        """Save what changed in this request's sessions; add their Set-Cookie lines."""
+        for state in ctx.states:
+            if state.dirty or state.cleared:
+                for line in await self.manager.commit(state):
+                    headers.add("Set-Cookie", line)

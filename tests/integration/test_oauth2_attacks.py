@@ -1,0 +1,576 @@
+"""Attacks on the oauth2 callback: forged or replayed flows, forged ID tokens,
+token endpoint failures, open redirects; and no token or code in any response,
+URL or log line.
+
+ID tokens are signed here with keys made by ``cryptography`` (through PyJWT),
+served by a small OpenID Connect provider in this module whose token endpoint
+answers whatever ID token the test hands it. The code-replay test runs against
+the real provider (oidc-provider-mock).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import jwt
+import pytest
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from gateway.auth.flow import Flow, FlowCookies
+from gateway.config import SessionConfig
+from gateway.sessions.seal import KeyRing, decode_key
+from tests.oauth_support import (
+    authorize_at_provider,
+    local,
+    oidc_env,
+    oidc_provider,
+    query_of,
+    start_login,
+    until_expired,
+)
+from tests.session_support import Browser, Reply
+from tests.support import (
+    TEST_KEY,
+    captured_json_logs,
+    config_dict,
+    free_port,
+    running_app,
+    running_gateway,
+)
+
+CLIENT = "attack-client"
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+OTHER_RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+def public_jwk(key: Any, kid: str, alg: str) -> dict[str, Any]:
+    algorithm = jwt.get_algorithm_by_name(alg)
+    jwk: dict[str, Any] = json.loads(algorithm.to_jwk(key.public_key()))
+    return {**jwk, "kid": kid, "alg": alg, "use": "sig"}
+
+
+@dataclass
+class FakeIdp:
+    """Discovery, JWKS and a token endpoint whose answer the test decides."""
+
+    url: str = ""
+    keys: list[dict[str, Any]] = field(default_factory=list)
+    answer: Callable[[dict[str, str]], tuple[int, Any]] = lambda form: (500, {})
+    token_calls: list[dict[str, str]] = field(default_factory=list)
+    jwks_fetches: int = 0
+    discovery_fetches: int = 0
+    discovery_down: bool = False
+
+    def claims(self, nonce: str, **over: Any) -> dict[str, Any]:
+        now = int(time.time())
+        return {
+            "iss": self.url,
+            "sub": "mallory",
+            "aud": CLIENT,
+            "iat": now,
+            "exp": now + 300,
+            "nonce": nonce,
+            **over,
+        }
+
+
+@contextlib.asynccontextmanager
+async def fake_idp() -> AsyncIterator[FakeIdp]:
+    idp = FakeIdp(keys=[public_jwk(RSA_KEY, "rsa1", "RS256")])
+
+    async def discovery(request: web.Request) -> web.Response:
+        idp.discovery_fetches += 1
+        if idp.discovery_down:
+            return web.json_response({"error": "down"}, status=503)
+        return web.json_response(
+            {
+                "issuer": idp.url,
+                "authorization_endpoint": f"{idp.url}/authorize",
+                "token_endpoint": f"{idp.url}/token",
+                "jwks_uri": f"{idp.url}/jwks",
+            }
+        )
+
+    async def jwks(request: web.Request) -> web.Response:
+        idp.jwks_fetches += 1
+        return web.json_response({"keys": idp.keys})
+
+    async def token(request: web.Request) -> web.Response:
+        form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
+        idp.token_calls.append(form)
+        status, body = idp.answer(form)
+        if isinstance(body, str):
+            return web.Response(status=status, text=body, content_type="text/plain")
+        return web.json_response(body, status=status)
+
+    app = web.Application()
+    app.router.add_get("/.well-known/openid-configuration", discovery)
+    app.router.add_get("/jwks", jwks)
+    app.router.add_post("/token", token)
+    async with running_app(app) as url:
+        idp.url = url
+        yield idp
+
+
+@dataclass
+class Env:
+    idp: FakeIdp
+    browser: Browser
+    http: aiohttp.ClientSession
+    gateway_url: str
+
+
+@contextlib.asynccontextmanager
+async def attack_env(**over: Any) -> AsyncIterator[Env]:
+    async with fake_idp() as idp:
+        provider = {
+            "type": "oauth2",
+            "issuer": idp.url,
+            "client_id": CLIENT,
+            "client_secret": "attack-secret",
+            **over,
+        }
+        data = config_dict([], providers={"oidc": provider})
+        async with (
+            running_gateway(data) as gateway,
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+        ):
+            yield Env(idp, Browser(http, gateway.url), http, gateway.url)
+
+
+def token_answer(id_token: str | None, access: str = "at-0123456789") -> dict[str, Any]:
+    answer: dict[str, Any] = {"access_token": access, "token_type": "Bearer", "expires_in": 300}
+    if id_token is not None:
+        answer["id_token"] = id_token
+    return answer
+
+
+async def login_with(env: Env, make_id_token: Callable[[str], str | None]) -> Reply:
+    """Start a login, let the token endpoint answer ``make_id_token(nonce)``; the callback."""
+    started = await start_login(env.browser, "/home")
+    query = query_of(started.headers["Location"])
+    id_token = make_id_token(query["nonce"])
+    env.idp.answer = lambda form: (200, token_answer(id_token))
+    return await env.browser.call(
+        "GET", f"/auth/oidc/callback?code=c0de-1&state={query['state']}", follow=False
+    )
+
+
+def rs256(claims: dict[str, Any], key: Any = RSA_KEY, kid: str = "rsa1", alg: str = "RS256") -> str:
+    return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid})
+
+
+def unsigned(claims: dict[str, Any]) -> str:
+    return jwt.encode(claims, None, algorithm="none")
+
+
+def hmac_with_public_key(claims: dict[str, Any]) -> str:
+    # The classic confusion: HS256 keyed with the provider's public key (PEM), which
+    # anyone can fetch. Built by hand: PyJWT itself refuses a PEM as an HMAC key.
+    import base64
+    import hashlib
+    import hmac
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    pem = RSA_KEY.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    head = b64(json.dumps({"alg": "HS256", "kid": "rsa1", "typ": "JWT"}).encode())
+    body = b64(json.dumps(claims).encode())
+    signature = hmac.new(pem, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{b64(signature)}"
+
+
+def assert_failed(reply: Reply, code: str, return_to: str = "/home") -> None:
+    assert reply.status == 302, reply.body
+    assert reply.headers["Location"] == f"{return_to}?bff_error={code}"
+    assert not [n for n in reply.set_cookies if n.startswith("bff-oidc=")]
+
+
+# -- ID tokens -------------------------------------------------------------------
+
+
+async def test_a_valid_id_token_signed_rs256_logs_in() -> None:
+    async with attack_env() as env:
+        reply = await login_with(env, lambda nonce: rs256(env.idp.claims(nonce)))
+        assert reply.headers["Location"] == "/home"
+        session = (await env.browser.call("GET", "/auth/oidc/session")).json()
+        assert session["claims"]["sub"] == "mallory"
+
+
+@pytest.mark.parametrize("alg", ["ES256", "PS256"])
+async def test_es256_and_ps256_id_tokens_are_accepted(alg: str) -> None:
+    key = EC_KEY if alg == "ES256" else RSA_KEY
+    async with attack_env() as env:
+        env.idp.keys = [public_jwk(key, "k-" + alg, alg)]
+        reply = await login_with(
+            env, lambda nonce: rs256(env.idp.claims(nonce), key, "k-" + alg, alg)
+        )
+        assert reply.headers["Location"] == "/home"
+
+
+FORGERIES: dict[str, Callable[[FakeIdp, str], str | None]] = {
+    "wrong_aud": lambda idp, n: rs256(idp.claims(n, aud="someone-else")),
+    "wrong_iss": lambda idp, n: rs256(idp.claims(n, iss="https://evil.example")),
+    "wrong_nonce": lambda idp, n: rs256(idp.claims("another-login")),
+    "no_nonce": lambda idp, n: rs256({k: v for k, v in idp.claims(n).items() if k != "nonce"}),
+    "expired": lambda idp, n: rs256(idp.claims(n, exp=int(time.time()) - 600)),
+    "issued_in_the_future": lambda idp, n: rs256(idp.claims(n, iat=int(time.time()) + 3600)),
+    "azp_of_another_client": lambda idp, n: rs256(idp.claims(n, aud=[CLIENT, "x"], azp="x")),
+    "several_audiences_no_azp": lambda idp, n: rs256(idp.claims(n, aud=[CLIENT, "x"])),
+    "bad_signature": lambda idp, n: rs256(idp.claims(n), key=OTHER_RSA_KEY),
+    "tampered_payload": lambda idp, n: _tampered(rs256(idp.claims(n))),
+    "alg_none": lambda idp, n: unsigned(idp.claims(n)),
+    "hmac_with_the_public_key": lambda idp, n: hmac_with_public_key(idp.claims(n)),
+    "unknown_kid": lambda idp, n: rs256(idp.claims(n), key=OTHER_RSA_KEY, kid="never-published"),
+    "not_a_jwt": lambda idp, n: "not.a.jwt",
+    "missing": lambda idp, n: None,
+}
+
+
+def _tampered(token: str) -> str:
+    head, body, sig = token.split(".")
+    import base64
+
+    claims = json.loads(base64.urlsafe_b64decode(body + "=="))
+    claims["sub"] = "admin"
+    forged = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"{head}.{forged}.{sig}"
+
+
+@pytest.mark.parametrize("forgery", sorted(FORGERIES))
+async def test_a_forged_or_invalid_id_token_is_refused(forgery: str) -> None:
+    async with attack_env() as env:
+        reply = await login_with(env, lambda nonce: FORGERIES[forgery](env.idp, nonce))
+        assert_failed(reply, "invalid_id_token")
+        assert (await env.browser.call("GET", "/auth/oidc/session")).json() == {
+            "authenticated": False
+        }
+
+
+async def test_an_unknown_kid_fetches_the_keys_again_once() -> None:
+    async with attack_env() as env:
+        assert (await login_with(env, lambda n: rs256(env.idp.claims(n)))).status == 302
+        assert env.idp.jwks_fetches == 1
+        # The provider rotates to a new key: the cached set lacks it, one refetch finds it.
+        env.idp.keys = [public_jwk(OTHER_RSA_KEY, "rsa2", "RS256")]
+        reply = await login_with(env, lambda n: rs256(env.idp.claims(n), OTHER_RSA_KEY, "rsa2"))
+        assert reply.headers["Location"] == "/home"
+        assert env.idp.jwks_fetches == 2
+        # A kid nobody publishes: one refetch, then refused.
+        reply = await login_with(env, lambda n: rs256(env.idp.claims(n), RSA_KEY, "ghost"))
+        assert_failed(reply, "invalid_id_token")
+        assert env.idp.jwks_fetches == 3
+
+
+# -- flows -----------------------------------------------------------------------
+
+
+async def test_a_callback_without_state_or_flow_cookie_is_refused() -> None:
+    async with attack_env() as env:
+        env.idp.answer = lambda form: (200, token_answer(None))
+        no_state = await env.browser.call("GET", "/auth/oidc/callback?code=x", follow=False)
+        assert no_state.headers["Location"] == "/?bff_error=invalid_state"
+        unknown = await env.browser.call(
+            "GET", "/auth/oidc/callback?code=x&state=guessed", follow=False
+        )
+        assert unknown.headers["Location"] == "/?bff_error=invalid_state"
+        assert env.idp.token_calls == []
+
+
+async def test_a_state_that_is_not_the_flow_cookies_is_refused() -> None:
+    async with attack_env() as env:
+        started = await start_login(env.browser, "/home")
+        (name,) = [n for n in env.browser.jar if n.startswith("bff~flow-")]
+        state = query_of(started.headers["Location"])["state"]
+        # Another login's state, the victim's flow cookie renamed to match it.
+        other = await start_login(Browser(env.http, env.gateway_url), "/x")
+        other_state = query_of(other.headers["Location"])["state"]
+        other_name = next(iter(other.set_cookies)).split("=", 1)[0]
+        forged = {other_name: env.browser.jar[name]}
+        reply = await env.browser.call(
+            "GET", f"/auth/oidc/callback?code=x&state={other_state}", cookies=forged, follow=False
+        )
+        assert reply.headers["Location"] == "/?bff_error=invalid_state"
+        # And the right cookie with a wrong state value.
+        reply = await env.browser.call(
+            "GET", f"/auth/oidc/callback?code=x&state={state}x", follow=False
+        )
+        assert reply.headers["Location"] == "/?bff_error=invalid_state"
+        assert env.idp.token_calls == []
+
+
+async def test_a_reused_flow_cookie_is_refused_before_the_provider_sees_the_code() -> None:
+    async with attack_env() as env:
+        started = await start_login(env.browser, "/home")
+        state = query_of(started.headers["Location"])["state"]
+        nonce = query_of(started.headers["Location"])["nonce"]
+        env.idp.answer = lambda form: (200, token_answer(rs256(env.idp.claims(nonce))))
+        flow_jar = dict(env.browser.jar)
+        callback = f"/auth/oidc/callback?code=c1&state={state}"
+        first = await env.browser.call("GET", callback, follow=False)
+        assert first.headers["Location"] == "/home"
+        replay = await env.browser.call("GET", callback, cookies=flow_jar, follow=False)
+        assert replay.headers["Location"] == "/home?bff_error=flow_reused"
+        assert len(env.idp.token_calls) == 1
+
+
+async def test_an_expired_flow_is_refused() -> None:
+    async with attack_env() as env:
+        started = await start_login(env.browser, "/home")
+        state = query_of(started.headers["Location"])["state"]
+        session = SessionConfig.model_validate({"secure": False, "keys": []})
+        cookies = FlowCookies(session, KeyRing([("k1", decode_key(TEST_KEY))]))
+        old = Flow("oidc", state, "v" * 64, "n", "/home", time.time() - 1)
+        line = cookies.set_cookie(old)
+        name, value = line.split(";")[0].split("=", 1)
+        reply = await env.browser.call(
+            "GET", f"/auth/oidc/callback?code=x&state={state}", cookies={name: value}, follow=False
+        )
+        assert reply.headers["Location"] == "/home?bff_error=flow_expired"
+        assert f"{name}=;" in " ".join(reply.set_cookies)  # cleared
+        assert env.idp.token_calls == []
+
+
+async def test_a_replayed_code_is_refused_by_the_real_provider(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with oidc_provider(monkeypatch) as provider:
+        async with oidc_env(provider) as env:
+            started = await start_login(env.browser, "/app")
+            callback = await authorize_at_provider(env.http, started.headers["Location"])
+            assert (await env.browser.call("GET", local(callback), follow=False)).status == 302
+            code = query_of(callback)["code"]
+            # A fresh flow of the attacker's, fed the victim's used code.
+            attacker = env.new_browser()
+            fresh = await start_login(attacker, "/app")
+            state = query_of(fresh.headers["Location"])["state"]
+            reply = await attacker.call(
+                "GET", f"/auth/oidc/callback?code={code}&state={state}", follow=False
+            )
+            assert reply.headers["Location"] == "/app?bff_error=token_exchange_failed"
+            assert "bff-oidc" not in attacker.jar
+            assert [g.status for g in provider.record.of("authorization_code")] == [200, 400]
+
+
+# -- the token endpoint --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "code"),
+    [
+        (400, {"error": "invalid_grant"}, "token_exchange_failed"),
+        (401, {"error": "invalid_client"}, "token_exchange_failed"),
+        (200, {"error": "bad_verification_code"}, "token_exchange_failed"),
+        (500, {"error": "server_error"}, "provider_unavailable"),
+        (503, "busy", "provider_unavailable"),
+        (200, "<html>not json</html>", "provider_unavailable"),
+        (200, {"token_type": "Bearer"}, "invalid_token_response"),
+    ],
+)
+async def test_token_endpoint_failures_end_in_a_redirect(status: int, body: Any, code: str) -> None:
+    async with attack_env() as env:
+        started = await start_login(env.browser, "/home")
+        state = query_of(started.headers["Location"])["state"]
+        env.idp.answer = lambda form: (status, body)
+        reply = await env.browser.call(
+            "GET", f"/auth/oidc/callback?code=x&state={state}", follow=False
+        )
+        assert_failed(reply, code)
+        assert not [n for n in env.browser.jar if n.startswith("bff~flow-")]
+
+
+async def test_an_unreachable_provider_ends_in_a_redirect() -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    explicit = {
+        "type": "oauth2",
+        "authorize_url": f"{dead}/authorize",
+        "token_url": f"{dead}/token",
+        "client_id": CLIENT,
+        "client_secret": "attack-secret",
+        "scopes": ["user"],
+    }
+    discovered = {**explicit, "issuer": dead, "scopes": ["openid"]}
+    del discovered["authorize_url"], discovered["token_url"]
+    data = config_dict([], providers={"oidc": explicit, "disc": discovered})
+    async with (
+        running_gateway(data) as gateway,
+        aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+    ):
+        browser = Browser(http, gateway.url)
+        started = await start_login(browser, "/home")
+        state = query_of(started.headers["Location"])["state"]
+        reply = await browser.call("GET", f"/auth/oidc/callback?code=x&state={state}", follow=False)
+        assert_failed(reply, "provider_unavailable")
+        # Discovery that fails: the login itself comes back with the error.
+        login = await browser.call("GET", "/auth/disc/login?return_to=/home", follow=False)
+        assert login.headers["Location"] == "/home?bff_error=provider_unavailable"
+        assert login.set_cookies == []
+
+
+# -- open redirects ------------------------------------------------------------------
+
+EVIL_RETURN_TO = [
+    "//evil.example",
+    "/\\evil.example",
+    "https:evil.example",
+    "%09/evil.example",
+    "/%2F/evil.example",
+    "/%5Cevil.example",
+    "https://evil.example/",
+    "http://evil.example",
+    "\t//evil.example",
+    "/%0d%0aSet-Cookie:x=y",
+    "javascript:alert(1)",
+]
+
+
+@pytest.mark.parametrize("return_to", EVIL_RETURN_TO)
+async def test_a_return_to_off_this_site_becomes_the_root(return_to: str) -> None:
+    async with attack_env() as env:
+        started = await start_login(env.browser, return_to)
+        query = query_of(started.headers["Location"])
+        nonce, state = query["nonce"], query["state"]
+        env.idp.answer = lambda form: (200, token_answer(rs256(env.idp.claims(nonce))))
+        reply = await env.browser.call(
+            "GET", f"/auth/oidc/callback?code=c&state={state}", follow=False
+        )
+        assert reply.headers["Location"] == "/"
+        # The failure path too: a second use of the flow.
+        env.browser.jar.update({n: v for n, v in started_flow(started).items()})
+        again = await env.browser.call(
+            "GET", f"/auth/oidc/callback?code=c&state={state}", follow=False
+        )
+        assert again.headers["Location"] == "/?bff_error=flow_reused"
+        # The logout redirect follows the same rule.
+        logout = await env.browser.call(
+            "GET", f"/auth/oidc/logout?return_to={return_to}", follow=False
+        )
+        assert logout.headers["Location"] == "/"
+
+
+def started_flow(started: Reply) -> dict[str, str]:
+    return dict(line.split(";")[0].split("=", 1) for line in started.set_cookies)
+
+
+# -- nothing secret in any URL, response or log line ------------------------------------
+
+
+async def test_no_token_or_code_in_any_response_url_or_log_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with (
+        oidc_provider(monkeypatch, access_ttl=2) as provider,
+        captured_json_logs("bff", logging.INFO) as logs,
+    ):
+        async with oidc_env(provider, refresh_skew=1) as env:
+            replies: list[Reply] = []
+            started = await start_login(env.browser, "/app")
+            replies.append(started)
+            callback = await authorize_at_provider(env.http, started.headers["Location"])
+            code = query_of(callback)["code"]
+            replies.append(await env.browser.call("GET", local(callback), follow=False))
+            replies.append(await env.browser.call("GET", "/auth/oidc/session"))
+            session = replies[-1].json()
+            await until_expired(session["expires_at"] - 1)
+            replies.append(await env.browser.call("GET", "/api/refreshed"))
+            # A failed callback with a real-looking code.
+            replies.append(
+                await env.browser.call(
+                    "GET", f"/auth/oidc/callback?code={code}&state=nope", follow=False
+                )
+            )
+            replies.append(await env.browser.call("POST", "/auth/oidc/logout"))
+        grants = provider.record.grants
+        secrets = [code]
+        for grant in grants:
+            secrets += [
+                v
+                for k, v in grant.answer.items()
+                if k in ("access_token", "refresh_token", "id_token")
+            ]
+        assert len(secrets) >= 5
+        text = logs.getvalue()
+        # The gateway did log these requests (and the failed login), with no secret in them.
+        assert "/auth/oidc/callback" in text and "login failed" in text
+        for reply in replies:
+            seen = reply.body.decode("latin-1") + json.dumps(dict(reply.headers))
+            for secret in secrets:
+                assert secret not in seen, "a token or code reached the browser"
+        for secret in secrets:
+            assert secret not in text, "a token or code reached a log line"
+
+
+async def test_abandoned_logins_do_not_pile_up_in_the_cookie_header() -> None:
+    async with attack_env() as env:
+        starts = [await start_login(env.browser, f"/t{i}") for i in range(6)]
+        flows = [n for n in env.browser.jar if n.startswith("bff~flow-")]
+        assert len(flows) == 3  # the newest three
+        # The newest still finishes; the oldest is gone.
+        last = query_of(starts[-1].headers["Location"])
+        env.idp.answer = lambda form: (200, token_answer(rs256(env.idp.claims(last["nonce"]))))
+        done = await env.browser.call(
+            "GET", f"/auth/oidc/callback?code=c&state={last['state']}", follow=False
+        )
+        assert done.headers["Location"] == "/t5"
+        first = query_of(starts[0].headers["Location"])["state"]
+        gone = await env.browser.call(
+            "GET", f"/auth/oidc/callback?code=c&state={first}", follow=False
+        )
+        assert gone.headers["Location"] == "/?bff_error=invalid_state"
+
+
+async def test_a_cross_site_logout_link_does_not_log_out() -> None:
+    async with attack_env() as env:
+        assert (await login_with(env, lambda n: rs256(env.idp.claims(n)))).status == 302
+        reply = await env.browser.call(
+            "GET",
+            "/auth/oidc/logout?return_to=/x",
+            headers={"Sec-Fetch-Site": "cross-site"},
+            follow=False,
+        )
+        assert reply.headers["Location"] == "/x?bff_error=csrf_failed"
+        assert "bff-oidc" in env.browser.jar
+        session = (await env.browser.call("GET", "/auth/oidc/session")).json()
+        assert session["authenticated"] is True
+
+
+async def test_methods_of_the_oauth2_endpoints() -> None:
+    async with attack_env() as env:
+        login = await env.browser.call("POST", "/auth/oidc/login", follow=False)
+        assert login.status == 405 and login.headers["Allow"] == "GET"
+        callback = await env.browser.call("POST", "/auth/oidc/callback", follow=False)
+        assert callback.status == 405
+        put = await env.browser.call("PUT", "/auth/oidc/logout", follow=False)
+        assert put.status == 405
+
+
+async def test_discovery_is_cached_and_fetched_again_after_a_failure() -> None:
+    async with attack_env() as env:
+        env.idp.discovery_down = True
+        failed = await env.browser.call("GET", "/auth/oidc/login?return_to=/a", follow=False)
+        assert failed.headers["Location"] == "/a?bff_error=provider_unavailable"
+        env.idp.discovery_down = False
+        for _ in range(2):
+            reply = await login_with(env, lambda n: rs256(env.idp.claims(n)))
+            assert reply.headers["Location"] == "/home"
+        assert env.idp.discovery_fetches == 2  # the failure, then one fetch for both logins
+        # A token endpoint that fails: what discovery said may be stale, so ask again.
+        started = await start_login(env.browser, "/home")
+        env.idp.answer = lambda form: (502, "bad gateway")
+        state = query_of(started.headers["Location"])["state"]
+        await env.browser.call("GET", f"/auth/oidc/callback?code=x&state={state}", follow=False)
+        assert (await login_with(env, lambda n: rs256(env.idp.claims(n)))).status == 302
+        assert env.idp.discovery_fetches == 3
