@@ -247,6 +247,9 @@ async def oidc_login(
     return await browser.call("GET", local(callback), follow=False)
 
 
+CLIENT_AUTHORIZATION = {"Authorization": aiohttp.encode_basic_auth(CLIENT_ID, CLIENT_SECRET)}
+
+
 async def provider_refresh(
     http: aiohttp.ClientSession, provider: OidcProvider, refresh_token: str
 ) -> int:
@@ -254,7 +257,7 @@ async def provider_refresh(
     async with http.post(
         f"{provider.issuer}/oauth2/token",
         data={"grant_type": "refresh_token", "refresh_token": refresh_token},
-        auth=aiohttp.BasicAuth(CLIENT_ID, CLIENT_SECRET),
+        headers=CLIENT_AUTHORIZATION,
     ) as answer:
         return answer.status
 
@@ -266,7 +269,7 @@ async def provider_revoke_access(
     async with http.post(
         provider.revocation_url,
         data={"token": access_token, "token_type_hint": "access_token"},
-        auth=aiohttp.BasicAuth(CLIENT_ID, CLIENT_SECRET),
+        headers=CLIENT_AUTHORIZATION,
     ) as answer:
         assert answer.status == 200
     with provider.record.lock:
