@@ -58,6 +58,7 @@ from gateway.sessions.seal import KeyRing
 from gateway.sessions.stores import CookieStore, MemoryStore, SessionStore, StoreUnavailable
 from gateway.static import StaticSite
 from gateway.upstream_client import UpstreamClient
+from gateway.websocket import WebSockets, is_websocket_upgrade
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _OVERLOADED = GatewayError(
@@ -164,6 +165,7 @@ class Gateway:
         from gateway.auth.endpoints import AuthEndpoints
 
         self.auth = AuthEndpoints(self)
+        self.websockets = WebSockets(self)
 
     def _target(self, route: Route) -> Target:
         server = self.config.server
@@ -330,6 +332,10 @@ class Gateway:
         state: SessionState | None = None
         provider = target.provider
         forwarded = self.forwarded_for(request)
+        if is_websocket_upgrade(request):
+            return await self.websockets.handle(
+                request, target, match.remainder, query, forwarded, ctx
+            )
         if provider is not None:
             if request.method in UNSAFE_METHODS:
                 self.csrf.check(
