@@ -129,7 +129,7 @@ def _browser_socket(max_message_size: int, protocol: str | None) -> _BrowserSock
         autoclose=False,
         autoping=False,
         compress=False,
-        max_msg_size=max_message_size,
+        max_msg_size=max_message_size + 1,  # aiohttp refuses a message of its limit
         decode_text=False,
         timeout=CLOSE_TIMEOUT,
     )
@@ -389,7 +389,8 @@ class WebSockets:
         if provider is not None or target.forward_cookies:
             # The browser's credentials would ride on this handshake: only its own pages may.
             gateway.csrf.check_origin(request.headers, gateway.own_origin(request, forwarded))
-        if not _browser_socket(1, None).can_prepare(request).ok:
+        probe = web.WebSocketResponse(protocols=_offered_protocols(request))  # no warning
+        if not probe.can_prepare(request).ok:
             raise bad_request("not a valid WebSocket handshake")
         self.reserved += 1
         try:
@@ -425,12 +426,7 @@ class WebSockets:
             inject=upstream.inject_headers,
             authorization=_bearer(state),
         )
-        protocols = [
-            token.strip()
-            for line in request.headers.getall("Sec-WebSocket-Protocol", ())
-            for token in line.split(",")
-            if token.strip()
-        ]
+        protocols = _offered_protocols(request)
         timeouts = upstream.timeouts
         handshake_deadline = timeouts.total or ((timeouts.connect or 60) + (timeouts.read or 60))
         while True:
@@ -444,7 +440,7 @@ class WebSockets:
                         autoclose=False,
                         autoping=False,
                         compress=0,
-                        max_msg_size=settings.max_message_size,
+                        max_msg_size=settings.max_message_size + 1,  # aiohttp refuses a message of its limit
                         decode_text=False,
                         ssl=upstream.endpoint.tls or True,
                         timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
@@ -547,6 +543,15 @@ class WebSockets:
             )
 
         return alive, ends_at
+
+
+def _offered_protocols(request: web.BaseRequest) -> list[str]:
+    return [
+        token.strip()
+        for line in request.headers.getall("Sec-WebSocket-Protocol", ())
+        for token in line.split(",")
+        if token.strip()
+    ]
 
 
 def _bearer(state: SessionState | None) -> str | None:
