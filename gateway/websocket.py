@@ -39,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -282,6 +282,26 @@ class Relay:
         return "client_failed" if from_browser else "upstream_failed"
 
 
+async def _outlive_cancellation(run: Coroutine[Any, Any, str]) -> str:
+    """Await the relay in a task of its own, to its end.
+
+    aiohttp cancels a handler whose connection is lost, and closing the browser's
+    side (the relay's own doing, or the browser vanishing) loses it: the relay
+    still has to close the upstream and count what happened, and the access log
+    should show the 101 it was, not a 499.
+    """
+    task = asyncio.create_task(run)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is None or task.cancelled():
+            raise
+        current.uncancel()
+        # The browser's side is gone: its pump sees that and the relay ends.
+        return await task
+
+
 def _too_big(error: Any) -> bool:
     return isinstance(error, aiohttp.WebSocketError) and error.code == 1009
 
@@ -440,7 +460,8 @@ class WebSockets:
                         autoclose=False,
                         autoping=False,
                         compress=0,
-                        max_msg_size=settings.max_message_size + 1,  # aiohttp refuses a message of its limit
+                        max_msg_size=settings.max_message_size
+                        + 1,  # aiohttp refuses a message of its limit
                         decode_text=False,
                         ssl=upstream.endpoint.tls or True,
                         timeout=aiohttp.ClientWSTimeout(ws_receive=None, ws_close=CLOSE_TIMEOUT),
@@ -498,7 +519,7 @@ class WebSockets:
         try:
             if self.draining:
                 relay.end(GOING_AWAY, "gateway shutting down", "drain")
-            why = await relay.run(check, ends_at)
+            why = await _outlive_cancellation(relay.run(check, ends_at))
         finally:
             ctx.bytes_in = relay.bytes_in
             gateway.in_flight += 1
