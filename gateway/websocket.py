@@ -274,8 +274,10 @@ class Relay:
         # The source broke off (no close frame) or sent something aiohttp refused
         # (aiohttp has already closed it, with 1009 for a message over the limit).
         too_big = last is not None and last.type is WSMsgType.ERROR and _too_big(last.data)
-        code = GOING_AWAY if from_browser else BAD_GATEWAY
-        await _close(sink, code, "peer failed")
+        code, reason = (
+            (GOING_AWAY, "client went away") if from_browser else (BAD_GATEWAY, "upstream failed")
+        )
+        await _close(sink, code, reason)
         await _close(source, code, "")
         if too_big:
             return "message_too_big"

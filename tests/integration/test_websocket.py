@@ -307,7 +307,8 @@ async def test_upstream_that_drops_the_connection_gives_1014() -> None:
         async with connect(env, "/ws/drop") as ws:
             await ws.send_str("now")
             msg = await ws.receive(timeout=10)
-            assert msg.type is WSMsgType.CLOSE and msg.data == 1014
+            assert msg.type is WSMsgType.CLOSE
+            assert (msg.data, msg.extra) == (1014, "upstream failed")
 
 
 async def test_browser_that_drops_the_connection_gives_the_upstream_1001() -> None:
@@ -318,7 +319,7 @@ async def test_browser_that_drops_the_connection_gives_the_upstream_1001() -> No
         assert await read_frame(reader) == (0x1, b"hi")
         writer.transport.abort()
         await asyncio.wait_for(upstream.closed.wait(), 10)
-        assert upstream.closes == [(1001, "")]
+        assert upstream.closes == [(1001, "client went away")]
 
 
 # --------------------------------------------------------------------------- upstream handshake

@@ -141,7 +141,7 @@ async def test_message_over_max_message_size_closes_with_1009() -> None:
             msg = await ws.receive(timeout=10)
             assert msg.type is WSMsgType.CLOSE and msg.data == 1009
         await asyncio.wait_for(upstream.closed.wait(), 10)
-        assert upstream.closes == [(1001, "peer failed")]
+        assert upstream.closes == [(1001, "client went away")]
         samples = await metrics_of(env)
         key = frozenset({("route", "/ws/"), ("reason", "message_too_big")})
         assert samples[("bff_websocket_closes_total", key)] == 1
