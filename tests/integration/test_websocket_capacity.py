@@ -1,0 +1,131 @@
+"""1,000 concurrent WebSocket relays through a real gateway subprocess (issue 14): memory per
+open socket is small, holding them (idle, then with a round of traffic) does not grow the
+gateway's RSS, and a second identical cycle reuses what the first one took."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.demo.api import create_demo_api
+from tests.integration.test_capacity import open_files_limit  # noqa: F401 (fixture)
+from tests.session_support import demo_provider
+from tests.support import (
+    GatewayProcess,
+    RssSampler,
+    async_gateway_process,
+    config_dict,
+    parse_metrics,
+    pid_of,
+    running_app,
+)
+
+pytestmark = pytest.mark.asyncio
+
+MiB = 1024 * 1024
+SOCKETS = 1000
+PER_SOCKET_CEILING = 64 * 1024  # what one open relay may cost the gateway, both sides included
+HOLD_GROWTH = 4 * MiB  # what holding them through a round of traffic may add
+CYCLE_GROWTH = 10 * MiB  # what a second identical cycle may add
+
+
+async def open_sockets(
+    http: aiohttp.ClientSession, gateway: GatewayProcess, cookie: str, count: int
+) -> list[aiohttp.ClientWebSocketResponse]:
+    headers = {"Cookie": cookie, "Origin": gateway.url}
+    sockets: list[aiohttp.ClientWebSocketResponse] = []
+    for start in range(0, count, 100):  # a hundred handshakes at a time
+        batch = await asyncio.gather(
+            *(
+                http.ws_connect(gateway.url + "/api/ws", headers=headers, autoping=False)
+                for _ in range(start, min(count, start + 100))
+            )
+        )
+        sockets.extend(batch)
+    return sockets
+
+
+async def round_trip(sockets: list[aiohttp.ClientWebSocketResponse], text: str) -> None:
+    async def one(ws: aiohttp.ClientWebSocketResponse) -> None:
+        await ws.send_str(text)
+        msg = await ws.receive(timeout=60)
+        assert msg.data == text
+
+    await asyncio.gather(*(one(ws) for ws in sockets))
+
+
+async def open_count(http: aiohttp.ClientSession, gateway: GatewayProcess) -> float:
+    async with http.get(gateway.admin_url + "/metrics") as response:
+        samples, _ = parse_metrics(await response.text())
+    return samples[("bff_open_websockets", frozenset())]
+
+
+async def until_none_open(http: aiohttp.ClientSession, gateway: GatewayProcess) -> None:
+    for _ in range(600):
+        if await open_count(http, gateway) == 0:
+            return
+        await asyncio.sleep(0.1)
+    pytest.fail("relays stayed open after their browsers closed")
+
+
+@pytest.fixture
+async def ws_gateway(
+    open_files_limit: None,  # noqa: F811
+    tmp_path: Path,
+) -> AsyncIterator[GatewayProcess]:
+    app = create_demo_api(access_ttl=3600)
+    async with running_app(app) as upstream:
+        data = config_dict(
+            [{"path": "/api/", "upstream": f"{upstream}/", "auth": "demo"}],
+            providers={"demo": demo_provider(upstream)},
+            logging={"access_log": False},
+        )
+        async with async_gateway_process(data, tmp_path) as process:
+            yield process
+
+
+async def test_1000_idle_websockets_keep_the_gateways_memory_flat(
+    ws_gateway: GatewayProcess,
+) -> None:
+    gateway = ws_gateway
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as http:
+        async with http.post(
+            gateway.url + "/auth/demo/login",
+            json={"username": "demo", "password": "demo"},
+            headers={"X-CSRF": "1"},
+        ) as answer:
+            assert answer.status == 200
+            cookie = "; ".join(line.split(";")[0] for line in answer.headers.getall("Set-Cookie"))
+        warm = await open_sockets(http, gateway, cookie, 20)  # code paths and pools warmed
+        await round_trip(warm, "warm")
+        await asyncio.gather(*(ws.close() for ws in warm))
+        await until_none_open(http, gateway)
+
+        sampler = RssSampler(pid_of(gateway))
+        report: list[str] = []
+        base = sampler.rss()
+        held_rss: list[int] = []
+        for cycle in range(2):
+            sockets = await open_sockets(http, gateway, cookie, SOCKETS)
+            await round_trip(sockets, f"hello {cycle}")
+            assert await open_count(http, gateway) == SOCKETS
+            held = sampler.rss()
+            await round_trip(sockets, "still here")  # every socket used once more
+            after_traffic = sampler.rss()
+            held_rss.append(held)
+            report.append(
+                f"cycle {cycle}: {SOCKETS} open {held / MiB:.1f} MiB, "
+                f"after a round of traffic {after_traffic / MiB:.1f} MiB"
+            )
+            assert after_traffic <= held + HOLD_GROWTH, report
+            await asyncio.gather(*(ws.close() for ws in sockets))
+            await until_none_open(http, gateway)
+        summary = f"base {base / MiB:.1f} MiB; " + "; ".join(report)
+        print(summary)
+        assert held_rss[0] - base <= SOCKETS * PER_SOCKET_CEILING, summary
+        assert held_rss[1] <= held_rss[0] + CYCLE_GROWTH, summary
