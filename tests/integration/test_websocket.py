@@ -7,16 +7,18 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import trustme
 from aiohttp import WSMsgType, web
 from multidict import CIMultiDict
 
 from gateway.demo.api import InvalidToken, TokenAuthority
 from tests.session_support import Env, demo_env, login
-from tests.support import error_of
+from tests.support import config_dict, error_of, parse_metrics, running_app, running_gateway
 
 pytestmark = pytest.mark.asyncio
 
@@ -519,3 +521,57 @@ async def test_public_route_forwarding_cookies_checks_origin() -> None:
         )
         assert status == 403 and error_of(body) == "csrf_failed"
         assert upstream.handshakes == []
+
+
+# --------------------------------------------------------------------------- wss upstream
+
+
+def tls_echo_app() -> web.Application:
+    async def echo(request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str(f"scheme={request.scheme}")
+        async for msg in ws:
+            await ws.send_str(msg.data)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/echo", echo)
+    return app
+
+
+async def test_https_upstream_is_relayed_over_wss_with_the_routes_ca(
+    ca: trustme.CA, ca_file: Path
+) -> None:
+    from tests.integration.test_upstream_tls import server_context
+
+    async with running_app(tls_echo_app(), ssl_context=server_context(ca)) as base:
+        assert base.startswith("https://")
+        routes = [
+            {"path": "/tls/", "upstream": f"{base}/", "tls": {"ca_file": str(ca_file)}},
+            {"path": "/untrusted/", "upstream": f"{base}/"},
+        ]
+        async with (
+            running_gateway(config_dict(routes)) as gateway,
+            aiohttp.ClientSession() as http,
+        ):
+            async with http.ws_connect(gateway.url + "/tls/echo") as ws:
+                assert (await ws.receive(timeout=10)).data == "scheme=https"
+                await ws.send_str("over tls")
+                assert (await ws.receive(timeout=10)).data == "over tls"
+            # The system CAs never vouch for the local CA: the handshake fails as TLS.
+            async with http.get(
+                gateway.url + "/untrusted/echo",
+                headers={
+                    "Upgrade": "websocket",
+                    "Connection": "Upgrade",
+                    "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                    "Sec-WebSocket-Version": "13",
+                },
+            ) as answer:
+                assert answer.status == 502
+                assert error_of(await answer.read()) == "upstream_unavailable"
+            async with http.get(gateway.admin_url + "/metrics") as response:
+                samples, _ = parse_metrics(await response.text())
+            key = frozenset({("route", "/untrusted/"), ("kind", "tls")})
+            assert samples[("bff_upstream_errors_total", key)] == 1

@@ -5,7 +5,7 @@ gateway's RSS, and a second identical cycle reuses what the first one took."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -72,6 +72,16 @@ async def until_none_open(http: aiohttp.ClientSession, gateway: GatewayProcess) 
     pytest.fail("relays stayed open after their browsers closed")
 
 
+async def login_cookie(http: aiohttp.ClientSession, gateway: GatewayProcess) -> str:
+    async with http.post(
+        gateway.url + "/auth/demo/login",
+        json={"username": "demo", "password": "demo"},
+        headers={"X-CSRF": "1"},
+    ) as answer:
+        assert answer.status == 200
+        return "; ".join(line.split(";")[0] for line in answer.headers.getall("Set-Cookie"))
+
+
 @pytest.fixture
 async def ws_gateway(
     open_files_limit: None,  # noqa: F811
@@ -129,3 +139,64 @@ async def test_1000_idle_websockets_keep_the_gateways_memory_flat(
         print(summary)
         assert held_rss[0] - base <= SOCKETS * PER_SOCKET_CEILING, summary
         assert held_rss[1] <= held_rss[0] + CYCLE_GROWTH, summary
+
+
+MESSAGES = 256  # 1 MiB each: far more than every buffer on the path can hold
+BUFFERED_CEILING = 64 * MiB  # what the gateway may hold while the pipe is full
+
+
+async def stalled(progress: Callable[[], int], task: asyncio.Task[None]) -> bool:
+    """True once ``progress()`` stops moving for a second while ``task`` runs; False if
+    the task finishes first. (Absence of progress has no event to await: polled.)"""
+    last, still = progress(), 0
+    for _ in range(240):
+        await asyncio.sleep(0.25)
+        if task.done():
+            return False
+        now = progress()
+        still = still + 1 if now == last else 0
+        last = now
+        if still >= 4:
+            return True
+    return False
+
+
+async def test_a_browser_that_stops_reading_stalls_the_sender_not_the_gateways_memory(
+    ws_gateway: GatewayProcess,
+) -> None:
+    """The demo API echoes every message; the browser sends 256 MiB and reads nothing. With
+    backpressure both ways the echoes fill the path back, the upstream stops reading,
+    and the browser's own sends stall, while the gateway holds a few messages at most.
+    Then the browser reads: every echo arrives, in order, and the sender finishes."""
+    gateway = ws_gateway
+    async with aiohttp.ClientSession() as http:
+        cookie = await login_cookie(http, gateway)
+        ws = await http.ws_connect(
+            gateway.url + "/api/ws", headers={"Cookie": cookie, "Origin": gateway.url}
+        )
+        sent = 0
+
+        async def sender() -> None:
+            nonlocal sent
+            for index in range(MESSAGES):
+                await ws.send_bytes(index.to_bytes(4, "big") * (MiB // 4))
+                sent += 1
+
+        with RssSampler(pid_of(gateway)) as sampler:
+            base = sampler.rss()
+            task = asyncio.create_task(sender())
+            try:
+                assert await stalled(lambda: sent, task), f"all {sent} messages went through"
+                at_stall = sent
+                assert at_stall < MESSAGES
+                held = max(sampler.samples) - base
+                for index in range(MESSAGES):
+                    msg = await ws.receive(timeout=60)
+                    assert msg.type is aiohttp.WSMsgType.BINARY, msg
+                    assert len(msg.data) == MiB and msg.data[:4] == index.to_bytes(4, "big")
+                await asyncio.wait_for(task, 60)
+            finally:
+                task.cancel()
+                await ws.close()
+        print(f"stalled after {at_stall} of {MESSAGES} MiB sent; gateway held {held / MiB:.1f} MiB")
+        assert held <= BUFFERED_CEILING, f"{held / MiB:.1f} MiB held by the gateway"
