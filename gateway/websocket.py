@@ -304,6 +304,12 @@ async def _outlive_cancellation(run: Coroutine[Any, Any, str]) -> str:
         return await task
 
 
+def close_reason(reason: str) -> bytes:
+    """At most 123 bytes of UTF-8 (RFC 6455 §5.5: a control frame carries 125, two of
+    them the code), never cut inside a character."""
+    return reason.encode()[:123].decode(errors="ignore").encode()
+
+
 def _too_big(error: Any) -> bool:
     return isinstance(error, aiohttp.WebSocketError) and error.code == 1009
 
@@ -313,7 +319,7 @@ async def _close(side: _Side, code: int, reason: str) -> None:
         return
     with contextlib.suppress(Exception):
         async with asyncio.timeout(CLOSE_TIMEOUT + 1):
-            await side.close(code=code, message=reason.encode()[:123])
+            await side.close(code=code, message=close_reason(reason))
 
 
 class WebSockets:
