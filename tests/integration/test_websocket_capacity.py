@@ -5,6 +5,7 @@ gateway's RSS, and a second identical cycle reuses what the first one took."""
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -200,3 +201,35 @@ async def test_a_browser_that_stops_reading_stalls_the_sender_not_the_gateways_m
                 await ws.close()
         print(f"stalled after {at_stall} of {MESSAGES} MiB sent; gateway held {held / MiB:.1f} MiB")
         assert held <= BUFFERED_CEILING, f"{held / MiB:.1f} MiB held by the gateway"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_sigterm_closes_open_websockets_with_1001_and_exits_long_before_the_timeout(
+    tmp_path: Path, workers: str
+) -> None:
+    """`bff-gateway run` with shutdown_timeout 60: SIGTERM closes every open socket with
+    1001 (both sides) and the process exits 0 without waiting the 60 s out."""
+    app = create_demo_api(access_ttl=3600)
+    async with running_app(app) as upstream:
+        data = config_dict(
+            [{"path": "/api/", "upstream": f"{upstream}/", "auth": "demo"}],
+            providers={"demo": demo_provider(upstream)},
+            server={"shutdown_timeout": 60},
+            session={"store": "cookie"},
+        )
+        async with (
+            async_gateway_process(data, tmp_path, "--workers", workers) as gateway,
+            aiohttp.ClientSession() as http,
+        ):
+            cookie = await login_cookie(http, gateway)
+            sockets = await open_sockets(http, gateway, cookie, 20)
+            await round_trip(sockets, "before the drain")
+            assert gateway.proc is not None
+            gateway.proc.send_signal(signal.SIGTERM)
+            closes = await asyncio.gather(*(ws.receive(timeout=30) for ws in sockets))
+            assert {(m.type, m.data, m.extra) for m in closes} == {
+                (aiohttp.WSMsgType.CLOSE, 1001, "gateway shutting down")
+            }
+            await asyncio.gather(*(ws.close() for ws in sockets))
+            code = await asyncio.to_thread(gateway.proc.wait, 40)  # well under 60 s
+            assert code == 0

@@ -1006,8 +1006,13 @@ def render(
     lines = [
         "## make bench",
         "",
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')}: `wrk -t{THREADS} -c{CONNECTIONS} -d{seconds}s "
-        f"--latency` per target in each of {ROUNDS} interleaved rounds (a {WARMUP:g} s warm-up "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}: "
+        + (
+            f"`wrk -t{THREADS} -c{CONNECTIONS} -d{seconds}s --latency`"
+            if "a" in results
+            else f"a {CONNECTIONS}-socket WebSocket echo loop for {seconds} s"
+        )
+        + f" per target in each of {ROUNDS} interleaved rounds (a {WARMUP:g} s warm-up "
         f"first); each row is the target's best round (all rounds' req/s in brackets). "
         f"{os.cpu_count()} CPUs shared with whatever else runs: {pin}. Python processes on "
         f"uvloop. Upstream body {len(HELLO_BODY)} bytes; session tokens ~{TOKEN_SIZE} bytes each. "
@@ -1072,6 +1077,9 @@ def main() -> int:
             table = render(results, [], load_before)
             print()
             print(table)
+            out_dir = REPO / "test-output"
+            out_dir.mkdir(exist_ok=True)
+            (out_dir / "bench-ws.md").write_text(table)
             return 0
         print("micro-benchmarks (this process):", flush=True)
         micro = micro_benchmarks()
