@@ -372,7 +372,13 @@ class WebSockets:
     def _client_session(self) -> aiohttp.ClientSession:
         """The relays' own client (DESIGN.md): upgraded connections are never pooled."""
         if self._client is None:
+            # ws_connect follows redirects and takes no switch for it: refusing one
+            # from a trace hook is the only way (SPEC §4.1: never followed; a
+            # followed one would take the token and injected secrets elsewhere).
+            never_follow = aiohttp.TraceConfig()
+            never_follow.on_request_redirect.append(_refuse_redirect)
             self._client = aiohttp.ClientSession(
+                trace_configs=[never_follow],
                 connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=60),
                 cookie_jar=aiohttp.DummyCookieJar(),  # one user's cookies never reach another
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
@@ -488,6 +494,9 @@ class WebSockets:
                     headers["Authorization"] = f"Bearer {session.access_token}"
                     continue
                 raise _handshake_refused(status) from None
+            except _Redirected:
+                ctx.upstream_seconds = time.perf_counter() - sent
+                raise _handshake_refused(302) from None
             except Exception as exc:
                 raise _connect_failure(exc) from None
             break
@@ -572,6 +581,16 @@ class WebSockets:
             )
 
         return alive, ends_at
+
+
+class _Redirected(Exception):
+    """The upstream answered the handshake with a redirect (not followed)."""
+
+
+async def _refuse_redirect(
+    session: aiohttp.ClientSession, context: Any, params: aiohttp.TraceRequestRedirectParams
+) -> None:
+    raise _Redirected(params.response.status)
 
 
 def _offered_protocols(request: web.BaseRequest) -> list[str]:

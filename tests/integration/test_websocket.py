@@ -37,6 +37,7 @@ class Upstream:
     opened: asyncio.Event = field(default_factory=asyncio.Event)
     closed: asyncio.Event = field(default_factory=asyncio.Event)
     refuse_with: int | None = None
+    redirect_to: str | None = None
 
 
 def recording_upstream(upstream: Upstream, authority: TokenAuthority) -> web.Application:
@@ -97,9 +98,14 @@ def recording_upstream(upstream: Upstream, authority: TokenAuthority) -> web.App
         request.transport.abort()  # no close frame
         return ws
 
+    async def moved(request: web.Request) -> web.Response:
+        assert upstream.redirect_to is not None
+        raise web.HTTPFound(upstream.redirect_to)
+
     app = web.Application()
     app.router.add_get("/rec", rec)
     app.router.add_get("/drop", drop)
+    app.router.add_get("/moved", moved)
     return app
 
 
@@ -575,3 +581,35 @@ async def test_https_upstream_is_relayed_over_wss_with_the_routes_ca(
                 samples, _ = parse_metrics(await response.text())
             key = frozenset({("route", "/untrusted/"), ("kind", "tls")})
             assert samples[("bff_upstream_errors_total", key)] == 1
+
+
+async def test_a_redirecting_upstream_is_not_followed() -> None:
+    """The token and injected secrets must never follow a redirect to another server."""
+    elsewhere: list[CIMultiDict[str]] = []
+
+    async def record(request: web.Request) -> web.Response:
+        elsewhere.append(CIMultiDict(request.headers))
+        return web.Response(status=404)
+
+    other = web.Application()
+    other.router.add_get("/{tail:.*}", record)
+    async with running_app(other) as other_base:
+
+        def routes(base: str) -> list[dict[str, Any]]:
+            return [
+                {
+                    "path": "/redir/",
+                    "upstream": f"{base}/",
+                    "auth": "demo",
+                    "inject_headers": {"X-Api-Key": "server-held-secret"},
+                }
+            ]
+
+        async with ws_env(extra_routes=routes) as (env, upstream):
+            upstream.redirect_to = f"{other_base}/stolen"
+            await login(env.browser)
+            status, body = await handshake_status(
+                env, {"Cookie": cookie_header(env), "Origin": env.gateway.url}, path="/redir/moved"
+            )
+            assert status == 502 and error_of(body) == "upstream_unavailable"
+    assert elsewhere == []
