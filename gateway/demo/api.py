@@ -682,6 +682,7 @@ class _DemoAPI:
                         "tick": count,
                         "token_valid": True,
                         "sub": claims.get("sub"),
+                        "user": claims.get("preferred_username"),
                         "token_expires_at": claims.get("exp"),
                         "server_time": time.time(),
                     }

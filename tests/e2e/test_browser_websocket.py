@@ -72,6 +72,12 @@ async def test_live_websocket_panel_through_the_gateway(
             await page.click("#login-button")
             await expect(page.locator("#user-name")).to_have_text("Demo User")
 
+            # The panel connects by itself once signed in; a click disconnects, another
+            # connects again.
+            await expect(page.locator("#ws-toggle")).to_have_text("Disconnect")
+            await page.click("#ws-toggle")
+            await expect(page.locator("#ws-toggle")).to_have_text("Connect")
+            await expect(page.locator("#ws-log li.closed").first).to_contain_text("closed: 1000")
             await page.click("#ws-toggle")
             await expect(page.locator("#ws-toggle")).to_have_text("Disconnect")
             await page.fill("#ws-input", "hello through the gateway")
@@ -79,7 +85,9 @@ async def test_live_websocket_panel_through_the_gateway(
             echo = page.locator("#ws-log li.echo")
             await expect(echo.first).to_contain_text("echo: hello through the gateway")
             tick = page.locator("#ws-log li.tick")
-            await expect(tick.first).to_contain_text("valid token of", timeout=20_000)
+            await expect(tick.first).to_contain_text(
+                "carried a valid token for demo", timeout=20_000
+            )
 
             # A socket the test opens itself, to read the code the server closes it with.
             await page.evaluate(

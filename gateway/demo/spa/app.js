@@ -409,15 +409,20 @@
       }
       if (data && typeof data.tick === "number") {
         const until = typeof data.token_expires_at === "number" ? clock(data.token_expires_at) : "?";
-        wsNote(`tick #${data.tick}: valid token of ${data.sub}, good until ${until}`, "event tick");
+        wsNote(
+          `tick #${data.tick}: the handshake carried a valid token for ${data.user} (expiring ${until})`,
+          "event tick",
+        );
       } else {
         wsNote(`echo: ${String(event.data).slice(0, 200)}`, "event echo");
       }
     };
     socket.onclose = (event) => {
-      if (socket !== state.socket) return;
-      state.socket = null;
-      setWsOpen(false);
+      // Logged also for a socket the page closed itself: its code is worth seeing.
+      if (socket === state.socket) {
+        state.socket = null;
+        setWsOpen(false);
+      }
       const reason = event.reason ? ` (${event.reason})` : "";
       wsNote(`closed: ${event.code}${reason}`, "note closed");
     };
@@ -501,6 +506,7 @@
     loadUser();
     callApi();
     startSse();
+    startWs();
     state.pollTimer = setInterval(pollSession, POLL_MS);
   }
 
