@@ -50,6 +50,7 @@ from yarl import URL
 from gateway.config import WebSocketSettings
 from gateway.errors import GatewayError, UpstreamFailure, bad_request, upstream_failure_of
 from gateway.headers import ForwardedFor, upstream_request_headers
+from gateway.observability.logs import EVENTS
 from gateway.proxy import map_client_error
 from gateway.routing import upstream_path
 from gateway.sessions.manager import SessionState
@@ -80,6 +81,7 @@ _Remote = aiohttp.ClientWebSocketResponse[Any]
 # RFC 6455 §7.4: codes that may be sent in a close frame.
 _SENDABLE = frozenset({1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014})
 GOING_AWAY = 1001
+INTERNAL_ERROR = 1011
 POLICY_VIOLATION = 1008
 BAD_GATEWAY = 1014
 
@@ -537,6 +539,14 @@ class WebSockets:
             if self.draining:
                 relay.end(GOING_AWAY, "gateway shutting down", "drain")
             why = await _outlive_cancellation(relay.run(check, ends_at))
+        except Exception:
+            # The 101 is out: an error answer now would be written into the
+            # WebSocket stream. Log it and close both sides.
+            EVENTS.exception("websocket relay failed", extra={"fields": {"route": route}})
+            await asyncio.gather(
+                _close(browser, INTERNAL_ERROR, "gateway error"),
+                _close(remote, GOING_AWAY, "gateway error"),
+            )
         finally:
             ctx.bytes_in = relay.bytes_in
             gateway.in_flight += 1

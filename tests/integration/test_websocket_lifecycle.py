@@ -247,3 +247,29 @@ async def test_big_message_uses_no_more_than_the_limit() -> None:
             await ws.send_bytes(b"z" * (MIB + 1))
             msg = await ws.receive(timeout=10)
             assert msg.type is WSMsgType.CLOSE and msg.data == 1009
+
+
+async def test_a_bug_in_the_relay_closes_with_1011_and_is_logged_not_answered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Once the 101 is out, an error answer would be written into the WebSocket stream."""
+    from gateway.websocket import Relay
+
+    async def broken(self: Relay, from_browser: bool, pump: Any) -> str:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Relay, "_finish", broken)
+    async with ws_env() as (env, _):
+        await login(env.browser)
+        with captured_json_logs("bff.gateway", logging.ERROR) as stream:
+            async with connect(env) as ws:
+                await echo_once(ws)
+                await ws.send_str("close:4000:bye")  # the upstream closes: _finish runs
+                msg = await ws.receive(timeout=10)
+                assert (msg.type, msg.data, msg.extra) == (WSMsgType.CLOSE, 1011, "gateway error")
+        events = json_lines(stream.getvalue())
+        assert [e["event"] for e in events] == ["websocket relay failed"]
+        samples = await metrics_of(env)
+        assert samples[("bff_open_websockets", frozenset())] == 0
+        key = frozenset({("route", "/ws/"), ("reason", "error")})
+        assert samples[("bff_websocket_closes_total", key)] == 1
