@@ -112,9 +112,7 @@ def _replica_data(env: Env) -> dict[str, Any]:
     data = env.gateway.config.model_dump(mode="json", exclude_none=True)
     data["server"]["listen"] = f"127.0.0.1:{free_port()}"
     data["server"]["admin_listen"] = f"127.0.0.1:{free_port()}"
-    for key in data["session"]["keys"]:
-        key["secret"] = env.gateway.config.session.keys[0].secret
-    data["session"]["redis_url"] = env.gateway.config.session.redis_url
+    assert data["session"]["redis_url"] and data["session"]["keys"][0]["secret"]
     return data
 
 
