@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP    := $(VENV)/.test-installed
 
-.PHONY: install run test lint bench load clean
+.PHONY: install run test lint bench bench-ws load clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ lint: $(TEST_STAMP)
 bench: $(TEST_STAMP)
 	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
 	$(BIN)/python tests/load/bench.py
+
+# The WebSocket rows of `make bench` alone (no wrk needed).
+bench-ws: $(TEST_STAMP)
+	$(BIN)/python tests/load/bench.py --ws
 
 load: $(TEST_STAMP)
 	$(BIN)/pip install -q -e '.[load]'

@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import HttpVersion11, web
@@ -20,12 +19,11 @@ from redis.asyncio import Redis
 
 from gateway.auth.csrf import UNSAFE_METHODS, CsrfPolicy
 from gateway.auth.endpoints import AuthEndpoints
-from gateway.auth.provider import ProviderRuntime
 from gateway.auth.registry import build_providers
 from gateway.auth.session_access import SessionAccess
 from gateway.client_origin import ClientOrigin
 from gateway.config import Config, Route
-from gateway.context import Context
+from gateway.context import Context, Target
 from gateway.errors import GatewayError, UpstreamFailure, error_response, method_not_allowed
 from gateway.headers import request_id, response_headers, upstream_request_headers
 from gateway.observability.logs import ACCESS, EVENTS, AccessRecord, log_access
@@ -46,25 +44,12 @@ from gateway.sessions.seal import KeyRing
 from gateway.sessions.stores import CookieStore, MemoryStore, SessionStore, StoreUnavailable
 from gateway.static import StaticSite
 from gateway.upstream_client import UpstreamClient
+from gateway.websocket import WebSockets, is_websocket_upgrade
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _OVERLOADED = GatewayError(
     503, "overloaded", "the gateway is at its request limit; retry shortly", {"Retry-After": "1"}
 )
-
-
-@dataclass(slots=True)
-class Target:
-    """A route, ready to serve: computed once at startup."""
-
-    label: str
-    methods: frozenset[str] | None
-    max_body: int
-    upstream: Upstream | None
-    static: StaticSite | None
-    provider: ProviderRuntime | None
-    forward_cookies: bool
-    drop: frozenset[str]
 
 
 class Gateway:
@@ -119,6 +104,7 @@ class Gateway:
             server.public_origin,
             metrics,
         )
+        self.websockets = WebSockets(self)
 
     def _target(self, route: Route) -> Target:
         server = self.config.server
@@ -282,6 +268,10 @@ class Gateway:
         state: SessionState | None = None
         provider = target.provider
         forwarded = self.origin.forwarded_for(request)
+        if is_websocket_upgrade(request):
+            return await self.websockets.handle(
+                request, target, match.remainder, query, forwarded, ctx
+            )
         sessions = self.sessions
         if provider is not None:
             if request.method in UNSAFE_METHODS:

@@ -112,6 +112,7 @@ class Limits(_Strict):
     max_in_flight: int = Field(4096, gt=0)  # requests being handled per worker (streams count)
     upstream_connections: int = Field(1024, gt=0)  # in use per upstream endpoint, per worker
     upstream_queue_timeout: Seconds = 5  # wait for a free one; then 503 upstream_busy
+    max_websockets: int = Field(1024, gt=0)  # WebSocket relays open (or opening) per worker
 
 
 class Timeouts(_Strict):
@@ -313,6 +314,14 @@ class UpstreamTLS(_Strict):
     verify: bool = True
 
 
+class WebSocketSettings(_Strict):
+    """A route's WebSocket relay (README "WebSockets" says why these defaults)."""
+
+    max_message_size: Size = Field(1024**2, gt=0)  # one message, either way (aiohttp buffers it)
+    idle_timeout: Seconds = 300  # nothing relayed either way (pings count) for this long: 1001
+    session_check_interval: Seconds = 30  # a server-side store is asked if the session lives
+
+
 _METHOD_RE = re.compile(r"^[A-Z]+$")
 
 
@@ -347,6 +356,7 @@ class Route(_Strict):
     inject_headers: dict[InjectName, InjectValue] = Field({}, repr=False)
     inject_query: dict[str, str] = Field({}, repr=False)
     tls: UpstreamTLS = UpstreamTLS()
+    websocket: WebSocketSettings = WebSocketSettings()
     # "exactly one of upstream or static" and "static is public" are in _cross_checks.
 
     @field_validator("methods")

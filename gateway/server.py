@@ -153,11 +153,13 @@ async def gateway_listeners(
         # Readiness turns 503 and the listening socket closes in the same
         # step (no await in between); the admin listener stays up meanwhile.
         health.draining = True
+        gateway.websockets.drain()  # 1001 to every open WebSocket: they must not hold the drain
         await public.cleanup()  # stop accepting, let in-flight requests finish
         if admin is not None:
             await admin.cleanup()
         await client.close()
         await gateway.upstreams.close()
+        await gateway.websockets.close()
         await store.close()
         if redis is not None:
             await redis.aclose()

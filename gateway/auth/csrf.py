@@ -36,6 +36,18 @@ class CsrfPolicy:
         if origin != expected and origin not in self._allowed:
             raise _failed("the request's origin is not allowed")
 
+    def check_origin(self, headers: Headers, own_origin: str) -> None:
+        """A WebSocket handshake on a route that carries the browser's credentials:
+        ``Origin`` is required (browsers always send it on a handshake, and no CSRF
+        header can be added to one) and must be an allowed one; else 403 csrf_failed."""
+        origin = headers.get("Origin")
+        if origin is None:
+            raise _failed("a WebSocket handshake needs an Origin header")
+        origin = origin.strip().lower()
+        expected = self._public_origin or own_origin.lower()
+        if origin != expected and origin not in self._allowed:
+            raise _failed("the request's origin is not allowed")
+
 
 def _failed(message: str) -> GatewayError:
     return GatewayError(403, "csrf_failed", message)

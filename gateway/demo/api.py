@@ -683,18 +683,52 @@ class _DemoAPI:
         return _json({"status": code}, status=code)
 
     async def websocket(self, request: web.Request) -> web.StreamResponse:
-        """Echo text and binary frames; ``close`` as text closes with code 4000."""
+        """Echo text and binary frames; ``close`` as text closes with code 4000.
+
+        With ``?tick=S`` (0.2 to 60 seconds) the socket also sends a JSON tick every
+        S seconds saying who the handshake's token belonged to and until when it
+        was valid: proof that a valid token arrived, without revealing it.
+        """
+        # The demo's own token's claims, or the OpenID Connect provider's userinfo.
+        claims = request[CLAIMS_KEY] if CLAIMS_KEY in request else request[OIDC_CLAIMS_KEY]
+        tick = _float_query(request, "tick", 0.0, 60.0)
         ws = web.WebSocketResponse()
         await ws.prepare(request)
-        async for msg in ws:
-            if msg.type == WSMsgType.TEXT:
-                if msg.data == "close":
-                    await ws.close(code=4000, message=b"bye")
-                    break
-                await ws.send_str(msg.data)
-            elif msg.type == WSMsgType.BINARY:
-                await ws.send_bytes(msg.data)
+        ticker = None
+        if tick > 0:
+            ticker = asyncio.create_task(self._ticks(ws, claims, min(max(tick, 0.2), 60.0)))
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT:
+                    if msg.data == "close":
+                        await ws.close(code=4000, message=b"bye")
+                        break
+                    await ws.send_str(msg.data)
+                elif msg.type == WSMsgType.BINARY:
+                    await ws.send_bytes(msg.data)
+        finally:
+            if ticker is not None:
+                ticker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await ticker
         return ws
+
+    async def _ticks(self, ws: web.WebSocketResponse, claims: dict[str, Any], every: float) -> None:
+        count = 0
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while not ws.closed:
+                await asyncio.sleep(every)
+                count += 1
+                await ws.send_json(
+                    {
+                        "tick": count,
+                        "token_valid": True,
+                        "sub": claims.get("sub"),
+                        "user": claims.get("preferred_username"),
+                        "token_expires_at": claims.get("exp"),
+                        "server_time": time.time(),
+                    }
+                )
 
 
 _CHUNK: Final = bytes(range(256)) * (CHUNK_SIZE // 256)
@@ -759,6 +793,7 @@ def create_demo_api(
             ("/oidc/items", api.items),
             ("/oidc/events", api.events),
             ("/oidc/download", api.download),
+            ("/oidc/ws", api.websocket),
         ):
             guarded = api.userinfo_resource(handler, oidc_userinfo)
             app.router.add_get(path, guarded, allow_head=False)

@@ -86,6 +86,30 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        self.open_websockets = Gauge(
+            "bff_open_websockets",
+            "WebSocket relays open",
+            multiprocess_mode="livesum",
+            registry=self.registry,
+        )
+        self.websocket_messages = Counter(
+            "bff_websocket_messages_total",
+            "WebSocket data messages relayed, by route and direction (to_upstream, to_client)",
+            ["route", "direction"],
+            registry=self.registry,
+        )
+        self.websocket_bytes = Counter(
+            "bff_websocket_bytes_total",
+            "WebSocket payload bytes relayed, by route and direction",
+            ["route", "direction"],
+            registry=self.registry,
+        )
+        self.websocket_closes = Counter(
+            "bff_websocket_closes_total",
+            "WebSocket relays ended, by route and reason",
+            ["route", "reason"],
+            registry=self.registry,
+        )
         # labels() takes a lock and builds a key per call: children are looked
         # up once per label set and kept (the label sets are bounded, above).
         self._counted: dict[tuple[str, str, int], Any] = {}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from gateway.config import SessionConfig
@@ -61,6 +61,9 @@ class SessionManager:
         if config.secure:
             attributes.insert(1, "Secure")
         self._attributes = "; ".join(attributes)
+        # Told when a stored session is deleted (logout, a new login replacing
+        # it): open WebSocket relays of that session close (gateway/websocket.py).
+        self.on_forget: list[Callable[[SessionState], None]] = []
 
     def cookie_name(self, provider: str) -> str:
         return self._name_prefix + provider
@@ -144,6 +147,8 @@ class SessionManager:
     async def forget(self, state: SessionState) -> None:
         """Delete the stored session (a new login replaces it; its cookie is rewritten)."""
         if state.handle is not None:
+            for listener in self.on_forget:
+                listener(state)
             await self.store.delete(state.handle)
             state.handle = None
 

@@ -16,7 +16,15 @@ on a small shared machine):
   C'  the same client loop with the gateway's own upstream client
       (gateway/upstream_client.py); ceiling' = 1 / (1/S + 1/C')
 
+  w   WebSocket echo round trips to the upstream directly; w2 the same through
+      the gateway's session route (Origin checked, token injected at the
+      handshake): BENCH_CONNECTIONS sockets, each sending a message and
+      awaiting its echo in a loop (tests/load/bench_servers.py ws-client)
+
 Plus micro-benchmarks of the session codec (seal, unseal, SessionManager).
+
+`python tests/load/bench.py --ws` (or `make bench-ws`) runs only the upstream,
+one gateway and the two WebSocket rows: cheap enough to check them alone.
 
 Method: every process is started once; then BENCH_ROUNDS interleaved rounds
 (every other one in reverse order) give each target BENCH_DURATION / ROUNDS
@@ -417,6 +425,55 @@ class ClientLoop:
         return Run(data["requests"] / data["seconds"], problems=problems)
 
 
+@dataclass
+class WsLoop:
+    """w / w2: WebSocket echo round trips, run by a client process on the CPU its
+    target is not on (as wrk is)."""
+
+    key: str
+    label: str
+    url: str
+    server_cpu: int | None
+    note: str
+    # Called before each run: the handshake's headers (the gateway's route logs in).
+    prepare: Callable[[], dict[str, str]] = dict
+
+    def run(self, procs: Processes, seconds: float, warmup: float) -> Run:
+        out = procs.tmp / f"ws-client-{self.key}.out"
+        argv = [PYTHON, SERVERS, "ws-client", self.url, str(seconds), str(CONNECTIONS)]
+        argv += [str(max(warmup, 0.3)), json.dumps(self.prepare())]
+        proc = procs.start("ws-client", argv, cpu=other_cpu(self.server_cpu), stdout=out)
+        try:
+            code = proc.wait(timeout=seconds + warmup + 60)
+        finally:
+            procs.stop(proc)
+        if code != 0:
+            raise RuntimeError(f"WebSocket client loop failed: {_tail(out)}")
+        data = json.loads(out.read_text().strip().splitlines()[-1])
+        problems = [f"{data['errors']} errors"] if data["errors"] else []
+        return Run(data["requests"] / data["seconds"], problems=problems)
+
+
+def ws_targets(upstream: str, gateway: str) -> list[WsLoop]:
+    def handshake() -> dict[str, str]:
+        return {"Cookie": asyncio.run(_login(gateway)), "Origin": gateway}
+
+    ws_upstream = "ws" + upstream.removeprefix("http")
+    ws_gateway = "ws" + gateway.removeprefix("http")
+    note = f"{CONNECTIONS} sockets, {len(HELLO_BODY)}-byte text echoed; round trips/s"
+    return [
+        WsLoop("w", "WebSocket echo, upstream direct", f"{ws_upstream}/ws", UPSTREAM_CPU, note),
+        WsLoop(
+            "w2",
+            "WebSocket echo through the gateway",
+            f"{ws_gateway}/api/ws",
+            TARGET_CPU,
+            note + "; session route, token injected at the handshake",
+            handshake,
+        ),
+    ]
+
+
 def check_hello(url: str, headers: dict[str, str] | None = None) -> None:
     """One request before measuring: the target must answer the upstream's body."""
     request = urllib.request.Request(url, headers=headers or {})
@@ -590,9 +647,9 @@ def start_nginx(procs: Processes, nginx: str, upstream: str) -> str:
     return start_server(procs, "nginx", argv, url, procs.tmp / "nginx-error.log")
 
 
-def start_targets(procs: Processes, upstream: str) -> list[Target | ClientLoop]:
+def start_targets(procs: Processes, upstream: str) -> list[Target | ClientLoop | WsLoop]:
     """Every target process, started once and kept for all rounds."""
-    targets: list[Target | ClientLoop] = [
+    targets: list[Target | ClientLoop | WsLoop] = [
         Target("a", "upstream direct", f"{upstream}/hello", UPSTREAM_CPU, "aiohttp web.Application")
     ]
     port = free_port()
@@ -640,10 +697,12 @@ def start_targets(procs: Processes, upstream: str) -> list[Target | ClientLoop]:
     for access_log in (True, False):
         url, _ = start_gateway(procs, upstream, access_log)
         targets += gateway_targets(url, access_log)
+        if access_log:
+            targets += ws_targets(upstream, url)
     return targets
 
 
-def measure_all(procs: Processes, targets: list[Target | ClientLoop]) -> dict[str, Result]:
+def measure_all(procs: Processes, targets: list[Target | ClientLoop | WsLoop]) -> dict[str, Result]:
     """ROUNDS interleaved rounds (every other one in reverse order); keep each target's best."""
     runs: dict[str, list[Run]] = {t.key: [] for t in targets}
     seconds = DURATION / ROUNDS
@@ -658,7 +717,8 @@ def measure_all(procs: Processes, targets: list[Target | ClientLoop]) -> dict[st
                 else ""
             )
             trouble = f"  ({'; '.join(run.problems)})" if run.problems else ""
-            print(f"  {target.key:<4} {run.rps:>10,.0f} req/s{latency}{trouble}", flush=True)
+            unit = "round trips/s" if isinstance(target, WsLoop) else "req/s"
+            print(f"  {target.key:<4} {run.rps:>10,.0f} {unit}{latency}{trouble}", flush=True)
     results = {}
     for target in targets:
         best = max(runs[target.key], key=lambda r: r.rps)
@@ -922,6 +982,7 @@ RATIOS = [
     ("c/ceiling", "c", "ceiling", "minimal aiohttp proxy ÷ ceiling"),
     ("b2'/ceiling'", "b2'", "ceiling'", "session route without access log ÷ 1/(1/S + 1/C')"),
     ("C'/C", "C'", "C", "the gateway's upstream client ÷ aiohttp's ClientSession"),
+    ("w2/w", "w2", "w", "WebSocket round trips through the gateway ÷ upstream direct"),
 ]
 
 
@@ -945,8 +1006,13 @@ def render(
     lines = [
         "## make bench",
         "",
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')}: `wrk -t{THREADS} -c{CONNECTIONS} -d{seconds}s "
-        f"--latency` per target in each of {ROUNDS} interleaved rounds (a {WARMUP:g} s warm-up "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}: "
+        + (
+            f"`wrk -t{THREADS} -c{CONNECTIONS} -d{seconds}s --latency`"
+            if "a" in results
+            else f"a {CONNECTIONS}-socket WebSocket echo loop for {seconds} s"
+        )
+        + f" per target in each of {ROUNDS} interleaved rounds (a {WARMUP:g} s warm-up "
         f"first); each row is the target's best round (all rounds' req/s in brackets). "
         f"{os.cpu_count()} CPUs shared with whatever else runs: {pin}. Python processes on "
         f"uvloop. Upstream body {len(HELLO_BODY)} bytes; session tokens ~{TOKEN_SIZE} bytes each. "
@@ -956,7 +1022,8 @@ def render(
         "| target | req/s | p50 | p99 | notes |",
         "|---|---:|---:|---:|---|",
     ]
-    for key in ["a", "b", "b'", "b2", "b2'", "c", "d", "S", "C", "C'", "ceiling", "ceiling'"]:
+    keys = ["a", "b", "b'", "b2", "b2'", "c", "d", "S", "C", "C'", "ceiling", "ceiling'"]
+    for key in [*keys, "w", "w2"]:
         result = results.get(key)
         if result is None:
             continue
@@ -972,8 +1039,11 @@ def render(
         )
     lines.append("| **ratios** | | | | |")
     for label, top, bottom, meaning in RATIOS:
+        if top not in results:
+            continue  # a partial run (--ws)
         lines.append(f"| {label} | {_ratio(results, top, bottom)} | | | {meaning} |")
-    lines.append("| **micro-benchmarks** | **µs/op** | | | |")
+    if micro:
+        lines.append("| **micro-benchmarks** | **µs/op** | | | |")
     for label, us, note in micro:
         lines.append(f"| {label} | {us:.1f} µs | | | {note} |")
     return "\n".join(lines) + "\n"
@@ -987,7 +1057,7 @@ def _on_signal(signum: int, frame: object) -> None:
 
 
 def main() -> int:
-    if shutil.which("wrk") is None:
+    if shutil.which("wrk") is None and "--ws" not in sys.argv[1:]:
         print("bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
     # Explicitly, also for SIGINT: a shell starts background jobs with SIGINT ignored.
@@ -999,6 +1069,18 @@ def main() -> int:
     keep = KEEP_TMP
     try:
         load_before = _load()
+        if "--ws" in sys.argv[1:]:
+            print("WebSocket rows only: the upstream and one gateway", flush=True)
+            upstream = start_upstream(procs)
+            gateway, _ = start_gateway(procs, upstream, access_log=True)
+            results = measure_all(procs, list(ws_targets(upstream, gateway)))
+            table = render(results, [], load_before)
+            print()
+            print(table)
+            out_dir = REPO / "test-output"
+            out_dir.mkdir(exist_ok=True)
+            (out_dir / "bench-ws.md").write_text(table)
+            return 0
         print("micro-benchmarks (this process):", flush=True)
         micro = micro_benchmarks()
         print("starting the upstream and every target", flush=True)

@@ -100,8 +100,20 @@ def upstream_app() -> web.Application:
         await request.read()
         return web.json_response(tokens())
 
+    async def echo(request: web.Request) -> web.StreamResponse:
+        """WebSocket echo (the WebSocket rows): every message straight back."""
+        ws = web.WebSocketResponse(compress=False)
+        await ws.prepare(request)
+        async for message in ws:
+            if message.type is aiohttp.WSMsgType.TEXT:
+                await ws.send_str(message.data)
+            elif message.type is aiohttp.WSMsgType.BINARY:
+                await ws.send_bytes(message.data)
+        return ws
+
     app = web.Application()
     app.router.add_get("/hello", hello)
+    app.router.add_get("/ws", echo)
     app.router.add_post("/login", login)
     app.router.add_post("/refresh", refresh)
     return app
@@ -234,6 +246,60 @@ async def client_loop(
     return {"requests": done, "errors": errors, "seconds": elapsed}
 
 
+# -- WebSocket client loop (the w rows) ----------------------------------------
+
+
+async def ws_client_loop(
+    url: str, seconds: float, concurrency: int, warmup: float, headers: dict[str, str]
+) -> dict[str, Any]:
+    """``concurrency`` WebSockets, each sending a message and awaiting its echo in a
+    loop; counts round trips (two relayed messages each) in the measured window."""
+    session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
+    counting = False
+    done = 0
+    errors = 0
+    stop = asyncio.Event()
+    payload = HELLO_BODY.decode()
+
+    async def worker(ws: aiohttp.ClientWebSocketResponse) -> None:
+        nonlocal done, errors
+        while not stop.is_set():
+            try:
+                await ws.send_str(payload)
+                message = await ws.receive()
+                ok = message.type is aiohttp.WSMsgType.TEXT and message.data == payload
+            except (aiohttp.ClientError, OSError, RuntimeError):
+                ok = False
+            if counting:
+                if ok:
+                    done += 1
+                else:
+                    errors += 1
+            if not ok:
+                return
+
+    sockets = [
+        await session.ws_connect(url, headers=headers, compress=0) for _ in range(concurrency)
+    ]
+    tasks = [asyncio.create_task(worker(ws)) for ws in sockets]
+    try:
+        await asyncio.sleep(warmup)
+        counting = True
+        start = time.perf_counter()
+        await asyncio.sleep(seconds)
+        counting = False
+        elapsed = time.perf_counter() - start
+        stop.set()
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        for ws in sockets:
+            await ws.close()
+        await session.close()
+    return {"requests": done, "errors": errors, "seconds": elapsed}
+
+
 # -- serving -----------------------------------------------------------------
 
 
@@ -283,6 +349,12 @@ def main(argv: list[str]) -> int:
             client_loop(
                 argv[1], float(argv[2]), int(argv[3]), float(argv[4]), role == "upstream-client"
             )
+        )
+        print(json.dumps(result), flush=True)
+    elif role == "ws-client":
+        headers = json.loads(argv[5]) if len(argv) > 5 else {}
+        result = _run(
+            ws_client_loop(argv[1], float(argv[2]), int(argv[3]), float(argv[4]), headers)
         )
         print(json.dumps(result), flush=True)
     else:

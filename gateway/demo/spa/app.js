@@ -3,6 +3,7 @@
 // It talks only to its own origin (the gateway):
 //   POST /auth/demo/login, GET /auth/demo/session, POST /auth/demo/logout
 //   GET  /api/demo/user, /api/demo/items, /api/demo/events (SSE), /api/demo/download
+//   WebSocket /api/demo/ws (echo and ticks)
 // or, signed in with OpenID Connect (provider "oidc"): the link to
 //   GET /auth/oidc/login?return_to=/ (the gateway sends the browser to the provider
 //   and back), the same calls under /auth/oidc and /api/oidc, and the navigation to
@@ -28,6 +29,7 @@
   const SSE_COUNT = 30;
   const DOWNLOAD_BYTES = 20 * 1024 * 1024;
   const MAX_LOG_LINES = 100;
+  const WS_TICK_SECONDS = 5;
 
   const $ = (id) => document.getElementById(id);
 
@@ -42,6 +44,7 @@
     pollTimer: null,
     polling: false,
     eventSource: null,
+    socket: null,
     downloading: false,
   };
 
@@ -382,6 +385,80 @@
     $("sse-toggle").textContent = "Start";
   }
 
+  // ------------------------------------------------------------------ WebSocket
+
+  function wsNote(text, className) {
+    prependLimited($("ws-log"), el("li", className || "note", `${clock()}  ${text}`));
+  }
+
+  function setWsOpen(open) {
+    $("ws-toggle").textContent = open ? "Disconnect" : "Connect";
+    $("ws-input").disabled = !open;
+    $("ws-send").disabled = !open;
+  }
+
+  function startWs() {
+    stopWs();
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    // Same origin: the browser sends the session cookie and its Origin; the gateway
+    // checks the Origin and adds the token to the handshake it makes upstream.
+    const socket = new WebSocket(`${scheme}://${location.host}${API}/ws?tick=${WS_TICK_SECONDS}`);
+    state.socket = socket;
+    wsNote("connecting…");
+    socket.onopen = () => {
+      if (socket !== state.socket) return;
+      setWsOpen(true);
+      wsNote("connected");
+    };
+    socket.onmessage = (event) => {
+      if (socket !== state.socket) return;
+      let data = null;
+      try {
+        data = JSON.parse(event.data);
+      } catch (_err) {
+        data = null;
+      }
+      if (data && typeof data.tick === "number") {
+        const until = typeof data.token_expires_at === "number" ? clock(data.token_expires_at) : "?";
+        wsNote(
+          `tick #${data.tick}: the handshake carried a valid token for ${data.user} (expiring ${until})`,
+          "event tick",
+        );
+      } else {
+        wsNote(`echo: ${String(event.data).slice(0, 200)}`, "event echo");
+      }
+    };
+    socket.onclose = (event) => {
+      // Logged also for a socket the page closed itself: its code is worth seeing.
+      if (socket === state.socket) {
+        state.socket = null;
+        setWsOpen(false);
+      }
+      const reason = event.reason ? ` (${event.reason})` : "";
+      wsNote(`closed: ${event.code}${reason}`, "note closed");
+    };
+  }
+
+  function stopWs(note) {
+    if (state.socket !== null) {
+      const socket = state.socket;
+      state.socket = null;
+      socket.close(1000, "closed by the page");
+      if (note) wsNote(note);
+    }
+    setWsOpen(false);
+  }
+
+  function sendWs(event) {
+    event.preventDefault();
+    const input = $("ws-input");
+    const text = input.value.trim();
+    if (!text || state.socket === null || state.socket.readyState !== WebSocket.OPEN) return;
+    state.socket.send(text);
+    wsNote(`sent: ${text}`);
+    input.value = "";
+  }
+
   // ------------------------------------------------------------------ download
 
   async function download() {
@@ -431,6 +508,7 @@
     renderCounters();
     $("last-call").textContent = "–";
     $("sse-log").replaceChildren();
+    $("ws-log").replaceChildren();
     resetRefreshLog();
     showApp();
     renderUser(user || (session && session.claims) || null);
@@ -439,12 +517,14 @@
     loadUser();
     callApi();
     startSse();
+    startWs();
     state.pollTimer = setInterval(pollSession, POLL_MS);
   }
 
   function stopAll() {
     setAutoCall(false);
     stopSse();
+    stopWs();
     if (state.pollTimer !== null) {
       clearInterval(state.pollTimer);
       state.pollTimer = null;
@@ -523,6 +603,11 @@
       else startSse();
     });
     $("download-button").addEventListener("click", download);
+    $("ws-toggle").addEventListener("click", () => {
+      if (state.socket) stopWs("disconnected");
+      else startWs();
+    });
+    $("ws-form").addEventListener("submit", sendWs);
     renderBrowserStorage();
     // A sign-in that failed comes back with ?bff_error=<code>: say so, then tidy the URL.
     const params = new URLSearchParams(window.location.search);
