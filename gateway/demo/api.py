@@ -724,7 +724,7 @@ class _DemoAPI:
                         "tick": count,
                         "token_valid": True,
                         "sub": claims.get("sub"),
-                        "user": claims.get("preferred_username"),
+                        "user": claims.get("preferred_username") or claims.get("sub"),
                         "token_expires_at": claims.get("exp"),
                         "server_time": time.time(),
                     }

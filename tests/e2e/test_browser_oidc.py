@@ -74,6 +74,10 @@ async def test_oidc_sign_in_refresh_and_no_token_in_browser(
                     signed_in_at = time.monotonic()
                     await expect(page.locator("#user-name")).to_have_text("alice@example.com")
                     await expect(page.locator("#items li.item")).to_have_count(5)
+                    # The live socket panel, through /api/oidc/ws with this provider's token.
+                    await expect(page.locator("#ws-log li.tick").first).to_contain_text(
+                        "carried a valid token for alice@example.com", timeout=20_000
+                    )
 
                     # ---- the API across token lifetimes: the gateway refreshes
                     async def refreshed() -> bool:
