@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
@@ -42,6 +41,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -169,10 +169,19 @@ def _get(url: str) -> bytes:
         return bytes(answer.read())
 
 
+@dataclass
+class Driven:
+    samples: list[dict[str, Any]]
+    tally: Tally
+    elapsed: float  # seconds the users ran
+    after: dict[str, Any]  # a sample once every client connection is closed
+    fault_upstream_saw: dict[str, int]
+
+
 async def drive(
     args: argparse.Namespace, setup: Setup, sampler: Sampler, fault_sock: socket.socket
-):
-    """Run the users for the duration; return (samples, tally, seconds run, final sample)."""
+) -> Driven:
+    """Run the users for ``args.duration`` seconds, sampling every ``args.interval``."""
     rng = random.Random(args.seed)
     tally = Tally()
     faults = FaultUpstream(fault_sock)
@@ -236,7 +245,7 @@ async def drive(
     await asyncio.sleep(2)
     after = await asyncio.to_thread(sampler.take)
     await faults.close()
-    return samples, tally, elapsed, after, dict(faults.seen)
+    return Driven(samples, tally, elapsed, after, dict(faults.seen))
 
 
 def gateway_log_findings(log: Path) -> tuple[dict[str, int], int]:
@@ -288,12 +297,9 @@ def main(argv: list[str]) -> int:
     try:
         api_port = free_port()
         api = f"http://127.0.0.1:{api_port}"
-        demo = procs.start(
-            "demo-api",
-            [PYTHON, "-m", "gateway.demo.api", "--port", str(api_port)]
-            + ["--access-ttl", str(args.access_ttl)],
-            cpu=None,
-        )
+        ttl = str(args.access_ttl)
+        argv = [PYTHON, "-m", "gateway.demo.api", "--port", str(api_port), "--access-ttl", ttl]
+        demo = procs.start("demo-api", argv, cpu=None)
         wait_http(f"{api}/stats", demo, tmp / "demo-api.log")
         fault_sock = socket.socket()
         fault_sock.bind(("127.0.0.1", 0))
@@ -323,7 +329,8 @@ def main(argv: list[str]) -> int:
             f"warm-up {args.warmup:g} s; logs in {tmp}",
             flush=True,
         )
-        samples, tally, elapsed, after, fault_seen = _run(drive(args, setup, sampler, fault_sock))
+        driven = _run(drive(args, setup, sampler, fault_sock))
+        samples, tally, elapsed = driven.samples, driven.tally, driven.elapsed
         alive = gateway.poll() is None
         stats = json.loads(_get(f"{api}/stats"))
         metrics, _ = parse_metrics(_get(f"{admin}/metrics").decode()) if alive else ({}, {})
@@ -379,14 +386,14 @@ def main(argv: list[str]) -> int:
                 "refreshes_by_result": _by_label(metrics, "bff_token_refresh_total", "result"),
                 "rejections_by_reason": _by_label(metrics, "bff_rejections_total", "reason"),
                 "upstream_errors_by_kind": _by_label(metrics, "bff_upstream_errors_total", "kind"),
-                "fault_upstream_saw": fault_seen,
+                "fault_upstream_saw": driven.fault_upstream_saw,
             },
             "outcomes": dict(tally.outcomes),
             "gateway_5xx": dict(tally.gateway_5xx),
             "unexpected": dict(tally.unexpected),
             "examples": tally.examples,
             "access_log_5xx": log_5xx,
-            "after_traffic": after,
+            "after_traffic": driven.after,
             "samples": samples,
         }
         text = write_summary(summary, args.out / "soak-summary.json", args.out / "soak-summary.md")
