@@ -21,10 +21,11 @@ INTERVAL = 2
 
 
 def test_short_soak_passes_and_covers_every_kind_of_traffic(tmp_path: Path) -> None:
+    argv = [sys.executable, str(REPO / "tests/load/soak.py"), "--duration", str(DURATION)]
+    argv += ["--interval", str(INTERVAL), "--users", "6", "--access-ttl", "3"]
+    argv += ["--out", str(tmp_path), "--seed", "13"]
     run = subprocess.run(
-        [sys.executable, str(REPO / "tests/load/soak.py"), "--duration", str(DURATION)]
-        + ["--interval", str(INTERVAL), "--users", "6", "--access-ttl", "3"]
-        + ["--out", str(tmp_path), "--seed", "13"],
+        argv,
         capture_output=True,
         text=True,
         timeout=DURATION + 120,
