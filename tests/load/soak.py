@@ -149,10 +149,15 @@ class Sampler:
         self.admin = admin
 
     def take(self) -> dict[str, Any]:
+        if self.process.status() == psutil.STATUS_ZOMBIE:  # dead, not yet reaped
+            raise psutil.NoSuchProcess(self.process.pid)
         connections = self.process.net_connections(kind="tcp")
         established = [c for c in connections if c.status == psutil.CONN_ESTABLISHED]
         upstream = [c for c in connections if c.raddr and c.raddr.port in self.upstream_ports]
-        metrics, _ = parse_metrics(_get(f"{self.admin}/metrics").decode())
+        try:
+            metrics, _ = parse_metrics(_get(f"{self.admin}/metrics").decode())
+        except OSError:
+            metrics = {}
         return {
             "rss_mib": round(self.process.memory_info().rss / 2**20, 2),
             "fds": len(os.listdir(f"/proc/{self.process.pid}/fd")),
@@ -227,7 +232,10 @@ async def drive(
             await asyncio.sleep(max(0.0, next_tick - time.monotonic()))
             if any(task.done() for task in tasks):
                 break  # a user crashed: its exception is raised below
-            await sample()
+            try:
+                await sample()
+            except psutil.NoSuchProcess:
+                break  # the gateway died: main() reports it
         elapsed = time.monotonic() - started
     finally:
         stop.set()
@@ -243,7 +251,10 @@ async def drive(
             raise task.exception()  # type: ignore[misc]
     # Everything closed on the client side: what does the gateway still hold?
     await asyncio.sleep(2)
-    after = await asyncio.to_thread(sampler.take)
+    try:
+        after = await asyncio.to_thread(sampler.take)
+    except psutil.NoSuchProcess:
+        after = {}
     await faults.close()
     return Driven(samples, tally, elapsed, after, dict(faults.seen))
 
