@@ -92,6 +92,7 @@ class Tally:
     unexpected: Counter[str] = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=dict)
     requests: int = 0
+    latencies: list[float] = field(default_factory=list)  # every quick API call (s)
     # Reset at every sample: requests answered and quick-API-call latencies (s).
     interval_requests: int = 0
     interval_latencies: list[float] = field(default_factory=list)
@@ -138,6 +139,10 @@ class Tally:
             return False
         self.ok(label)
         return True
+
+    def latency(self, seconds: float) -> None:
+        self.latencies.append(seconds)
+        self.interval_latencies.append(seconds)
 
     def take_interval(self) -> tuple[int, list[float]]:
         taken = (self.interval_requests, self.interval_latencies)
@@ -347,7 +352,7 @@ class User:
         started = time.perf_counter()
         async with self.http.request(method, f"{self.setup.base}{path}", **kw) as answer:
             body = await answer.read()
-        self.tally.interval_latencies.append(time.perf_counter() - started)
+        self.tally.latency(time.perf_counter() - started)
         want = 201 if method == "POST" else 200
         ok = answer.status == want and body[:1] in (b"{", b"[")
         if not self.tally.judge("api", answer.status, body, ok, "api call"):
