@@ -4,6 +4,7 @@ growth fails a run, and which 5xx count as the gateway's own."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -147,3 +148,33 @@ def test_parse_raw_reads_the_first_response() -> None:
     assert parse_raw(raw) == (408, b"{}")
     assert parse_raw(b"") == (0, b"")
     assert parse_raw(b"HTTP/1.1 408 Req") == (0, b"")
+
+
+def test_access_log_5xx_on_healthy_routes_are_unexplained(tmp_path: Path) -> None:
+    from tests.load.soak import gateway_log_findings, log_5xx_unexplained
+
+    def line(route: str, path: str, status: int) -> str:
+        entry = {"event": "request", "route": route, "path": path, "status": status}
+        return json.dumps(entry)
+
+    log = tmp_path / "gateway.log"
+    log.write_text(
+        "\n".join(
+            [
+                line("/api/demo/", "/api/demo/items", 200),
+                line("/api/demo/", "/api/demo/status/503", 503),  # passed through
+                line("/faults/", "/faults/hang", 504),  # an upstream fault
+                line("/refused/", "/refused/x", 502),
+                line("/api/demo/", "/api/demo/status/503", 500),  # not what was asked
+                line("/api/demo/", "/api/demo/items", 503),
+                json.dumps({"event": "unhandled error", "level": "error"}),
+                "not json",
+            ]
+        )
+    )
+    statuses, unhandled = gateway_log_findings(log)
+    assert unhandled == 1
+    assert log_5xx_unexplained(statuses) == {
+        "/api/demo/ /api/demo/status/503 500": 1,
+        "/api/demo/ /api/demo/items 503": 1,
+    }
