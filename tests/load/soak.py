@@ -89,7 +89,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--seed", type=int, default=_maybe_int(_env("SOAK_SEED", None)))
     args = parser.parse_args(argv)
     if args.warmup is None:
-        args.warmup = 0.2 * args.duration
+        args.warmup = round(0.2 * args.duration, 1)
     if args.duration <= 0 or args.interval <= 0 or args.users <= 0:
         parser.error("duration, interval and users must be positive")
     return args
