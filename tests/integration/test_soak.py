@@ -60,7 +60,11 @@ def test_short_soak_passes_and_covers_every_kind_of_traffic(tmp_path: Path) -> N
         "upload echoed intact",
     ):
         assert outcomes.get(label, 0) > 0, (label, outcomes)
-    assert any(label.startswith("upstream 5") for label in outcomes)
+    for fault in ("close", "garbage", "refused", "reset"):
+        assert outcomes.get(f"fault {fault}: 502", 0) > 0, (fault, outcomes)
+    assert outcomes.get("fault cut: response ended early", 0) > 0
+    for status in (500, 502, 503, 504):
+        assert outcomes.get(f"upstream {status} passed through", 0) > 0, (status, outcomes)
     assert any(label.startswith("sse") for label in outcomes)
     assert any(label.startswith("download") for label in outcomes)
 

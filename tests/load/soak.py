@@ -62,7 +62,7 @@ from soak_report import (  # type: ignore[import-not-found]  # noqa: E402
     plot,
     write_summary,
 )
-from soak_traffic import WEIGHTS, FaultUpstream, Setup, Tally, User  # type: ignore[import-not-found]  # noqa: E402
+from soak_traffic import WEIGHTS, FaultUpstream, Rotation, Setup, Tally, User  # type: ignore[import-not-found]  # noqa: E402
 
 from tests.support import parse_metrics  # noqa: E402
 
@@ -191,7 +191,8 @@ async def drive(
     faults = FaultUpstream(fault_sock)
     await faults.start()
     stop = asyncio.Event()
-    users = [User(setup, tally, random.Random(rng.random())) for _ in range(args.users)]
+    rotation = Rotation()
+    users = [User(setup, tally, random.Random(rng.random()), rotation) for _ in range(args.users)]
     samples: list[dict[str, Any]] = []
     started = time.monotonic()
     tasks = [asyncio.create_task(user.run(stop)) for user in users]

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import json
 import random
 import socket
@@ -275,6 +276,21 @@ def parse_raw(data: bytes) -> tuple[int, bytes]:
 # -- the users ------------------------------------------------------------------------------
 
 
+class Rotation:
+    """Which fault and which upstream status come next, shared by all users: taken in
+    turn rather than at random, so that even a short run meets every one of them."""
+
+    def __init__(self) -> None:
+        self._faults = itertools.cycle(FAULTS)
+        self._statuses = itertools.cycle(PASSTHROUGH_STATUSES)
+
+    def fault(self) -> str:
+        return next(self._faults)
+
+    def status(self) -> int:
+        return next(self._statuses)
+
+
 @dataclass(frozen=True)
 class Setup:
     host: str
@@ -291,10 +307,11 @@ class Setup:
 class User:
     """One browser: its own cookie jar and connections, one action at a time."""
 
-    def __init__(self, setup: Setup, tally: Tally, rng: random.Random) -> None:
+    def __init__(self, setup: Setup, tally: Tally, rng: random.Random, rotation: Rotation) -> None:
         self.setup = setup
         self.tally = tally
         self.rng = rng
+        self.rotation = rotation
         self.http = aiohttp.ClientSession(
             cookie_jar=aiohttp.CookieJar(unsafe=True),  # cookies for 127.0.0.1
             timeout=aiohttp.ClientTimeout(total=60),
@@ -502,14 +519,14 @@ class User:
     # -- upstream errors
 
     async def upstream_5xx(self) -> None:
-        code = self.rng.choice(PASSTHROUGH_STATUSES)
+        code = self.rotation.status()
         async with self.http.get(f"{self.setup.base}/api/demo/status/{code}") as answer:
             body = await answer.read()
         ok = answer.status == code and _json_or_none(body) == {"status": code}
         self.tally.judge("upstream_5xx", answer.status, body, ok, f"upstream {code} passed through")
 
     async def fault(self) -> None:
-        action = self.rng.choice(FAULTS)
+        action = self.rotation.fault()
         path = "/refused/x" if action == "refused" else f"/faults/{action}"
         async with self.http.get(f"{self.setup.base}{path}") as answer:
             if action == "cut":
