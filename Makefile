@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 RUNTIME_STAMP := $(VENV)/.runtime-installed
 TEST_STAMP    := $(VENV)/.test-installed
 
-.PHONY: install run test lint bench bench-ws load clean
+.PHONY: install run test lint bench bench-ws load soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ bench-ws: $(TEST_STAMP)
 load: $(TEST_STAMP)
 	$(BIN)/pip install -q -e '.[load]'
 	$(BIN)/python tests/load/run_load.py
+
+# Mixed traffic against a real gateway, watching for leaks: `make soak SOAK_DURATION=120`
+# (seconds; 600 by default). More settings in tests/load/soak.py (SOAK_USERS, SOAK_INTERVAL, ...).
+SOAK_DURATION ?= 600
+soak: $(TEST_STAMP)
+	$(BIN)/python tests/load/soak.py --duration $(SOAK_DURATION)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache test-output
