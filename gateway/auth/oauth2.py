@@ -30,6 +30,7 @@ from gateway.auth.oidc import (
     InvalidIdToken,
     KeySet,
     ProviderUnavailable,
+    read_bounded,
     verify_id_token,
 )
 from gateway.auth.provider import LoginStep
@@ -248,7 +249,7 @@ class OAuth2Login:
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as response:
-                raw = await response.content.read(_ANSWER_LIMIT + 1)
+                raw = await read_bounded(response, _ANSWER_LIMIT)
                 return response.status, response.content_type, raw
         except (TimeoutError, aiohttp.ClientError):
             raise ProviderUnavailable("the token endpoint could not be reached") from None

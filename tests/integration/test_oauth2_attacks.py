@@ -574,3 +574,30 @@ async def test_discovery_is_cached_and_fetched_again_after_a_failure() -> None:
         await env.browser.call("GET", f"/auth/oidc/callback?code=x&state={state}", follow=False)
         assert (await login_with(env, lambda n: rs256(env.idp.claims(n)))).status == 302
         assert env.idp.discovery_fetches == 3
+
+
+# -- answers that arrive in parts -------------------------------------------------------
+
+
+async def test_a_token_answer_or_jwks_sent_in_parts_is_read_whole() -> None:
+    # Large enough that the socket delivers it in several reads (a TLS record is
+    # 16 KiB): a reader that took the first part only would see broken JSON.
+    async with attack_env() as env:
+        padding = "x" * 400_000
+        env.idp.keys = [*env.idp.keys, {**public_jwk(EC_KEY, "big", "ES256"), "x5c": [padding]}]
+        started = await start_login(env.browser, "/home")
+        query = query_of(started.headers["Location"])
+        answer = {**token_answer(rs256(env.idp.claims(query["nonce"]))), "extra": padding}
+        env.idp.answer = lambda form: (200, answer)
+        reply = await env.browser.call(
+            "GET", f"/auth/oidc/callback?code=c&state={query['state']}", follow=False
+        )
+        assert reply.headers["Location"] == "/home"
+        # Over the limit (1 MiB) is still refused.
+        started = await start_login(env.browser, "/home")
+        state = query_of(started.headers["Location"])["state"]
+        env.idp.answer = lambda form: (200, {**answer, "extra": "x" * 1_100_000})
+        reply = await env.browser.call(
+            "GET", f"/auth/oidc/callback?code=c&state={state}", follow=False
+        )
+        assert_failed(reply, "provider_unavailable")
