@@ -601,3 +601,26 @@ async def test_a_token_answer_or_jwks_sent_in_parts_is_read_whole() -> None:
             "GET", f"/auth/oidc/callback?code=c&state={state}", follow=False
         )
         assert_failed(reply, "provider_unavailable")
+
+
+@pytest.mark.parametrize(
+    ("token_type", "accepted"), [("DPoP", False), ("mac", False), ("bearer", True)]
+)
+async def test_only_bearer_access_tokens_are_accepted(token_type: str, accepted: bool) -> None:
+    # RFC 6749 §7.1: a client must not use a token of a type it does not understand;
+    # the gateway sends "Authorization: Bearer", so a DPoP-bound token is useless to it.
+    async with attack_env() as env:
+        started = await start_login(env.browser, "/home")
+        query = query_of(started.headers["Location"])
+        answer = {
+            **token_answer(rs256(env.idp.claims(query["nonce"]))),
+            "token_type": token_type,
+        }
+        env.idp.answer = lambda form: (200, answer)
+        reply = await env.browser.call(
+            "GET", f"/auth/oidc/callback?code=c&state={query['state']}", follow=False
+        )
+        if accepted:
+            assert reply.headers["Location"] == "/home"
+        else:
+            assert_failed(reply, "invalid_token_response")
