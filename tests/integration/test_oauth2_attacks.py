@@ -624,3 +624,28 @@ async def test_only_bearer_access_tokens_are_accepted(token_type: str, accepted:
             assert reply.headers["Location"] == "/home"
         else:
             assert_failed(reply, "invalid_token_response")
+
+
+@pytest.mark.parametrize(
+    ("return_to", "lands_on"),
+    [
+        ("/" + "a" * 2040, "/" + "a" * 2040),  # long, and kept
+        ("/" + "é" * 1500, "/"),  # 1,501 characters, 9,001 once percent-encoded
+        ("/" + "<" * 1500, "/"),
+    ],
+)
+async def test_a_return_to_never_makes_the_flow_cookie_too_big_for_a_browser(
+    return_to: str, lands_on: str
+) -> None:
+    # Browsers drop a cookie whose name and value pass 4096 bytes (RFC 6265 §6.1): the
+    # login would then always end in invalid_state.
+    async with attack_env() as env:
+        started = await start_login(env.browser, return_to)
+        ((name, value),) = started_flow(started).items()
+        assert len(name) + len(value) <= 4096
+        query = query_of(started.headers["Location"])
+        env.idp.answer = lambda form: (200, token_answer(rs256(env.idp.claims(query["nonce"]))))
+        reply = await env.browser.call(
+            "GET", f"/auth/oidc/callback?code=c&state={query['state']}", follow=False
+        )
+        assert reply.headers["Location"] == lands_on
