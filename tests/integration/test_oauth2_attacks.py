@@ -70,6 +70,7 @@ class FakeIdp:
     jwks_fetches: int = 0
     discovery_fetches: int = 0
     discovery_down: bool = False
+    discovery_over: dict[str, Any] = field(default_factory=dict)  # keys the document changes
 
     def claims(self, nonce: str, **over: Any) -> dict[str, Any]:
         now = int(time.time())
@@ -98,6 +99,7 @@ async def fake_idp() -> AsyncIterator[FakeIdp]:
                 "authorization_endpoint": f"{idp.url}/authorize",
                 "token_endpoint": f"{idp.url}/token",
                 "jwks_uri": f"{idp.url}/jwks",
+                **idp.discovery_over,
             }
         )
 
@@ -649,3 +651,16 @@ async def test_a_return_to_never_makes_the_flow_cookie_too_big_for_a_browser(
             "GET", f"/auth/oidc/callback?code=c&state={query['state']}", follow=False
         )
         assert reply.headers["Location"] == lands_on
+
+
+async def test_a_discovery_document_of_another_issuer_is_refused() -> None:
+    # OIDC Discovery §4.3: its issuer must be the one configured, else its endpoints and
+    # keys are not that issuer's.
+    async with attack_env() as env:
+        env.idp.discovery_over = {
+            "issuer": "https://evil.example",
+            "authorization_endpoint": "https://evil.example/authorize",
+        }
+        login = await env.browser.call("GET", "/auth/oidc/login?return_to=/a", follow=False)
+        assert login.headers["Location"] == "/a?bff_error=provider_unavailable"
+        assert login.set_cookies == []
