@@ -664,3 +664,27 @@ async def test_a_discovery_document_of_another_issuer_is_refused() -> None:
         login = await env.browser.call("GET", "/auth/oidc/login?return_to=/a", follow=False)
         assert login.headers["Location"] == "/a?bff_error=provider_unavailable"
         assert login.set_cookies == []
+
+
+async def test_a_flow_started_for_one_provider_is_refused_by_anothers_callback() -> None:
+    # Two providers at one authorization server (say two client ids of different
+    # rights): a flow and code of one must not log in to the other.
+    async with fake_idp() as idp:
+        provider = {"type": "oauth2", "issuer": idp.url, "client_id": CLIENT, "client_secret": "s"}
+        data = config_dict([], providers={"oidc": provider, "admin": provider})
+        async with (
+            running_gateway(data) as gateway,
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+        ):
+            browser = Browser(http, gateway.url)
+            started = await start_login(browser, "/home")
+            query = query_of(started.headers["Location"])
+            idp.answer = lambda form: (200, token_answer(rs256(idp.claims(query["nonce"]))))
+            reply = await browser.call(
+                "GET", f"/auth/admin/callback?code=c&state={query['state']}", follow=False
+            )
+            assert reply.headers["Location"] == "/?bff_error=invalid_state"
+            assert idp.token_calls == []
+            assert (await browser.call("GET", "/auth/admin/session")).json() == {
+                "authenticated": False
+            }
