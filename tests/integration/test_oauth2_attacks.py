@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from gateway.auth.flow import Flow, FlowCookies
 from gateway.config import SessionConfig
 from gateway.sessions.seal import KeyRing, decode_key
+from tests.integration.test_redis import RedisServer, redis_server  # noqa: F401 - a fixture
 from tests.oauth_support import (
     authorize_at_provider,
     local,
@@ -688,3 +689,38 @@ async def test_a_flow_started_for_one_provider_is_refused_by_anothers_callback()
             assert (await browser.call("GET", "/auth/admin/session")).json() == {
                 "authenticated": False
             }
+
+
+async def test_a_flow_used_on_one_replica_is_refused_on_another_sharing_redis(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    # The used-flow list lives in Redis: a flow cookie replayed to another replica (or
+    # worker) is refused there too, before its code reaches the provider.
+    async with fake_idp() as idp:
+        provider = {"type": "oauth2", "issuer": idp.url, "client_id": CLIENT, "client_secret": "s"}
+        data = config_dict(
+            [], providers={"oidc": provider}, session={"redis_url": redis_server.url}
+        )
+        other_ports = {
+            "listen": f"127.0.0.1:{free_port()}",
+            "admin_listen": f"127.0.0.1:{free_port()}",
+        }
+        async with (
+            running_gateway(data) as first,
+            running_gateway({**data, "server": {**data["server"], **other_ports}}) as second,
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+        ):
+            browser = Browser(http, first.url)
+            started = await start_login(browser, "/home")
+            query = query_of(started.headers["Location"])
+            idp.answer = lambda form: (200, token_answer(rs256(idp.claims(query["nonce"]))))
+            flow_jar = dict(browser.jar)
+            callback = f"/auth/oidc/callback?code=c&state={query['state']}"
+            assert (await browser.call("GET", callback, follow=False)).headers[
+                "Location"
+            ] == "/home"
+            replay = await Browser(http, second.url).call(
+                "GET", callback, cookies=flow_jar, follow=False
+            )
+            assert replay.headers["Location"] == "/home?bff_error=flow_reused"
+            assert len(idp.token_calls) == 1
