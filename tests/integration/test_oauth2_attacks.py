@@ -724,3 +724,30 @@ async def test_a_flow_used_on_one_replica_is_refused_on_another_sharing_redis(
             )
             assert replay.headers["Location"] == "/home?bff_error=flow_reused"
             assert len(idp.token_calls) == 1
+
+
+async def test_a_new_login_replaces_a_session_cookie_the_callback_did_not_see() -> None:
+    # The callback is a navigation from the provider's site: the browser does not send
+    # the SameSite=Strict session cookie there. A new session too big for one cookie
+    # (written as chunks) must still replace the old unchunked one, which would
+    # otherwise win and keep the previous user logged in.
+    async with attack_env() as env:
+        first = await login_with(env, lambda n: rs256(env.idp.claims(n, sub="alice")))
+        assert first.headers["Location"] == "/home"
+        assert "bff-oidc" in env.browser.jar
+        started = await start_login(env.browser, "/home")
+        query = query_of(started.headers["Location"])
+        id_token = rs256(env.idp.claims(query["nonce"], sub="bob"))
+        env.idp.answer = lambda form: (200, token_answer(id_token, access="at-" + "b" * 5000))
+        flow_only = {n: v for n, v in env.browser.jar.items() if n.startswith("bff~flow-")}
+        reply = await env.browser.call(
+            "GET",
+            f"/auth/oidc/callback?code=c&state={query['state']}",
+            cookies=flow_only,
+            follow=False,
+        )
+        assert reply.headers["Location"] == "/home"
+        env.browser.absorb(reply)
+        assert "bff-oidc.0" in env.browser.jar  # the new session is chunked
+        session = (await env.browser.call("GET", "/auth/oidc/session")).json()
+        assert session["claims"]["sub"] == "bob"
