@@ -102,7 +102,10 @@ def request_id(headers: Headers) -> str:
 
 @functools.cache
 def _gateway_cookie_prefixes(cookie_prefix: str) -> tuple[str, ...]:
-    return (f"__Host-{cookie_prefix}-", f"{cookie_prefix}-", f"__host-{cookie_prefix}-")
+    # "-": sessions (<prefix>-<provider>); "~": oauth2 login flows (<prefix>~flow-<hash>).
+    return tuple(
+        f"{host}{cookie_prefix}{mark}" for host in ("__Host-", "", "__host-") for mark in "-~"
+    )
 
 
 def is_gateway_cookie(name: str, cookie_prefix: str) -> bool:

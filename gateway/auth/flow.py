@@ -19,6 +19,7 @@ import hashlib
 import json
 import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -169,7 +170,7 @@ class FlowLedger:
 
     def __init__(self, redis: Redis | None) -> None:
         self._redis = redis
-        self._used: dict[str, float] = {}
+        self._used: OrderedDict[str, float] = OrderedDict()  # O(1) removal of the oldest
 
     async def first_use(self, flow: Flow) -> bool:
         """True the first time a flow is presented, False on any replay."""
@@ -184,9 +185,15 @@ class FlowLedger:
             except RedisError:
                 pass  # fall back to this process's memory
         used = self._used
-        # Forget flows that have expired anyway (their cookie is refused on its expiry).
-        for key in [k for k, until in used.items() if until <= now]:
-            del used[key]
+        # Forget flows that have expired anyway (their cookie is refused on its expiry),
+        # oldest first, stopping at the first live one: entries go in in about the order
+        # they expire, and anyone can add them, so a scan of all on every callback would
+        # make a flood of logins quadratic.
+        while used:
+            oldest, until = next(iter(used.items()))
+            if until > now:
+                break
+            del used[oldest]
         if digest in used:
             return False
         used[digest] = flow.expires_at + 60

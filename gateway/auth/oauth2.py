@@ -30,6 +30,7 @@ from gateway.auth.oidc import (
     InvalidIdToken,
     KeySet,
     ProviderUnavailable,
+    read_bounded,
     verify_id_token,
 )
 from gateway.auth.provider import LoginStep
@@ -156,7 +157,7 @@ class OAuth2Login:
             return self._failed(return_to, "invalid_id_token", "rejected", state, str(exc))
         except InvalidAnswer:
             return self._failed(
-                return_to, "invalid_token_response", "error", state, "no access token"
+                return_to, "invalid_token_response", "error", state, "no Bearer access token"
             )
         response = _redirect(return_to)
         response.headers.add("Set-Cookie", self._flows.clear_cookie(state))
@@ -197,6 +198,11 @@ class OAuth2Login:
             claim_names=config.session_claims,
         )
         if base is None:
+            raise InvalidAnswer()
+        # RFC 6749 §7.1: not a token type we understand (say DPoP-bound), not usable as
+        # the Bearer token the gateway sends. Tolerated when missing, as some providers do.
+        token_type = answer.get("token_type")
+        if token_type is not None and str(token_type).lower() != "bearer":
             raise InvalidAnswer()
         id_token = answer.get("id_token")
         if not config.oidc:
@@ -248,7 +254,7 @@ class OAuth2Login:
                 timeout=self._timeout,
                 allow_redirects=False,
             ) as response:
-                raw = await response.content.read(_ANSWER_LIMIT + 1)
+                raw = await read_bounded(response, _ANSWER_LIMIT)
                 return response.status, response.content_type, raw
         except (TimeoutError, aiohttp.ClientError):
             raise ProviderUnavailable("the token endpoint could not be reached") from None

@@ -42,6 +42,19 @@ class Endpoints:
     end_session_url: str | None
 
 
+async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The body, or its first ``limit + 1`` bytes when it is longer.
+
+    ``content.read(n)`` is no such thing: it returns whatever has arrived so far
+    (one TCP segment, one TLS record, one chunk), so a document sent in parts
+    would be cut short.
+    """
+    body = bytearray()
+    while len(body) <= limit and (chunk := await response.content.readany()):
+        body += chunk
+    return bytes(body[: limit + 1])
+
+
 async def fetch_json(
     client: aiohttp.ClientSession, url: str, timeout: aiohttp.ClientTimeout
 ) -> Any:
@@ -51,7 +64,7 @@ async def fetch_json(
         ) as response:
             if response.status != 200:
                 raise ProviderUnavailable(f"{url} answered {response.status}")
-            raw = await response.content.read(_DOCUMENT_LIMIT + 1)
+            raw = await read_bounded(response, _DOCUMENT_LIMIT)
     except (TimeoutError, aiohttp.ClientError):
         raise ProviderUnavailable(f"{url} could not be reached") from None
     if len(raw) > _DOCUMENT_LIMIT:

@@ -28,7 +28,10 @@ def local_return_to(value: str | None) -> str:
     if not _looks_local(decoded):
         return "/"
     # Only printable ASCII goes into a Location header; the rest stays encoded.
-    return quote(value, safe="/?#&=%:@!$'()*+,;-._~")
+    encoded = quote(value, safe="/?#&=%:@!$'()*+,;-._~")
+    # Encoding can make it up to nine times longer: bounded again, so that the login
+    # flow cookie carrying it stays within what a browser keeps (4096 bytes).
+    return encoded if len(encoded) <= MAX_LENGTH else "/"
 
 
 def _looks_local(path: str) -> bool:

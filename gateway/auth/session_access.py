@@ -101,6 +101,12 @@ class SessionAccess:
         """A new login replaces whatever session this browser had for the provider."""
         state = await self.load(request, provider, ctx)
         await self.manager.forget(state)
+        # An oauth2 callback is a navigation from the provider's site, which does not
+        # carry a SameSite=Strict session cookie: an old unchunked one the browser still
+        # holds would win over the new session written as chunks, so it is expired too.
+        # (A password login is a same-site request: it sees every cookie.)
+        if provider.provider.browser_flow and state.cookie_name not in state.present:
+            state.present.append(state.cookie_name)
         self.manager.replace(state, Session.start(provider.name, tokens, time.time()))
 
     async def end(

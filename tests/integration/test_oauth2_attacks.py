@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from gateway.auth.flow import Flow, FlowCookies
 from gateway.config import SessionConfig
 from gateway.sessions.seal import KeyRing, decode_key
+from tests.integration.test_redis import RedisServer, redis_server  # noqa: F401 - a fixture
 from tests.oauth_support import (
     authorize_at_provider,
     local,
@@ -70,6 +71,7 @@ class FakeIdp:
     jwks_fetches: int = 0
     discovery_fetches: int = 0
     discovery_down: bool = False
+    discovery_over: dict[str, Any] = field(default_factory=dict)  # keys the document changes
 
     def claims(self, nonce: str, **over: Any) -> dict[str, Any]:
         now = int(time.time())
@@ -98,6 +100,7 @@ async def fake_idp() -> AsyncIterator[FakeIdp]:
                 "authorization_endpoint": f"{idp.url}/authorize",
                 "token_endpoint": f"{idp.url}/token",
                 "jwks_uri": f"{idp.url}/jwks",
+                **idp.discovery_over,
             }
         )
 
@@ -574,3 +577,177 @@ async def test_discovery_is_cached_and_fetched_again_after_a_failure() -> None:
         await env.browser.call("GET", f"/auth/oidc/callback?code=x&state={state}", follow=False)
         assert (await login_with(env, lambda n: rs256(env.idp.claims(n)))).status == 302
         assert env.idp.discovery_fetches == 3
+
+
+# -- answers that arrive in parts -------------------------------------------------------
+
+
+async def test_a_token_answer_or_jwks_sent_in_parts_is_read_whole() -> None:
+    # Large enough that the socket delivers it in several reads (a TLS record is
+    # 16 KiB): a reader that took the first part only would see broken JSON.
+    async with attack_env() as env:
+        padding = "x" * 400_000
+        env.idp.keys = [*env.idp.keys, {**public_jwk(EC_KEY, "big", "ES256"), "x5c": [padding]}]
+        started = await start_login(env.browser, "/home")
+        query = query_of(started.headers["Location"])
+        answer = {**token_answer(rs256(env.idp.claims(query["nonce"]))), "extra": padding}
+        env.idp.answer = lambda form: (200, answer)
+        reply = await env.browser.call(
+            "GET", f"/auth/oidc/callback?code=c&state={query['state']}", follow=False
+        )
+        assert reply.headers["Location"] == "/home"
+        # Over the limit (1 MiB) is still refused.
+        started = await start_login(env.browser, "/home")
+        state = query_of(started.headers["Location"])["state"]
+        env.idp.answer = lambda form: (200, {**answer, "extra": "x" * 1_100_000})
+        reply = await env.browser.call(
+            "GET", f"/auth/oidc/callback?code=c&state={state}", follow=False
+        )
+        assert_failed(reply, "provider_unavailable")
+
+
+@pytest.mark.parametrize(
+    ("token_type", "accepted"), [("DPoP", False), ("mac", False), ("bearer", True)]
+)
+async def test_only_bearer_access_tokens_are_accepted(token_type: str, accepted: bool) -> None:
+    # RFC 6749 §7.1: a client must not use a token of a type it does not understand;
+    # the gateway sends "Authorization: Bearer", so a DPoP-bound token is useless to it.
+    async with attack_env() as env:
+        started = await start_login(env.browser, "/home")
+        query = query_of(started.headers["Location"])
+        answer = {
+            **token_answer(rs256(env.idp.claims(query["nonce"]))),
+            "token_type": token_type,
+        }
+        env.idp.answer = lambda form: (200, answer)
+        reply = await env.browser.call(
+            "GET", f"/auth/oidc/callback?code=c&state={query['state']}", follow=False
+        )
+        if accepted:
+            assert reply.headers["Location"] == "/home"
+        else:
+            assert_failed(reply, "invalid_token_response")
+
+
+@pytest.mark.parametrize(
+    ("return_to", "lands_on"),
+    [
+        ("/" + "a" * 2040, "/" + "a" * 2040),  # long, and kept
+        ("/" + "é" * 1500, "/"),  # 1,501 characters, 9,001 once percent-encoded
+        ("/" + "<" * 1500, "/"),
+    ],
+)
+async def test_a_return_to_never_makes_the_flow_cookie_too_big_for_a_browser(
+    return_to: str, lands_on: str
+) -> None:
+    # Browsers drop a cookie whose name and value pass 4096 bytes (RFC 6265 §6.1): the
+    # login would then always end in invalid_state.
+    async with attack_env() as env:
+        started = await start_login(env.browser, return_to)
+        ((name, value),) = started_flow(started).items()
+        assert len(name) + len(value) <= 4096
+        query = query_of(started.headers["Location"])
+        env.idp.answer = lambda form: (200, token_answer(rs256(env.idp.claims(query["nonce"]))))
+        reply = await env.browser.call(
+            "GET", f"/auth/oidc/callback?code=c&state={query['state']}", follow=False
+        )
+        assert reply.headers["Location"] == lands_on
+
+
+async def test_a_discovery_document_of_another_issuer_is_refused() -> None:
+    # OIDC Discovery §4.3: its issuer must be the one configured, else its endpoints and
+    # keys are not that issuer's.
+    async with attack_env() as env:
+        env.idp.discovery_over = {
+            "issuer": "https://evil.example",
+            "authorization_endpoint": "https://evil.example/authorize",
+        }
+        login = await env.browser.call("GET", "/auth/oidc/login?return_to=/a", follow=False)
+        assert login.headers["Location"] == "/a?bff_error=provider_unavailable"
+        assert login.set_cookies == []
+
+
+async def test_a_flow_started_for_one_provider_is_refused_by_anothers_callback() -> None:
+    # Two providers at one authorization server (say two client ids of different
+    # rights): a flow and code of one must not log in to the other.
+    async with fake_idp() as idp:
+        provider = {"type": "oauth2", "issuer": idp.url, "client_id": CLIENT, "client_secret": "s"}
+        data = config_dict([], providers={"oidc": provider, "admin": provider})
+        async with (
+            running_gateway(data) as gateway,
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+        ):
+            browser = Browser(http, gateway.url)
+            started = await start_login(browser, "/home")
+            query = query_of(started.headers["Location"])
+            idp.answer = lambda form: (200, token_answer(rs256(idp.claims(query["nonce"]))))
+            reply = await browser.call(
+                "GET", f"/auth/admin/callback?code=c&state={query['state']}", follow=False
+            )
+            assert reply.headers["Location"] == "/?bff_error=invalid_state"
+            assert idp.token_calls == []
+            assert (await browser.call("GET", "/auth/admin/session")).json() == {
+                "authenticated": False
+            }
+
+
+async def test_a_flow_used_on_one_replica_is_refused_on_another_sharing_redis(
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    # The used-flow list lives in Redis: a flow cookie replayed to another replica (or
+    # worker) is refused there too, before its code reaches the provider.
+    async with fake_idp() as idp:
+        provider = {"type": "oauth2", "issuer": idp.url, "client_id": CLIENT, "client_secret": "s"}
+        data = config_dict(
+            [], providers={"oidc": provider}, session={"redis_url": redis_server.url}
+        )
+        other_ports = {
+            "listen": f"127.0.0.1:{free_port()}",
+            "admin_listen": f"127.0.0.1:{free_port()}",
+        }
+        async with (
+            running_gateway(data) as first,
+            running_gateway({**data, "server": {**data["server"], **other_ports}}) as second,
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
+        ):
+            browser = Browser(http, first.url)
+            started = await start_login(browser, "/home")
+            query = query_of(started.headers["Location"])
+            idp.answer = lambda form: (200, token_answer(rs256(idp.claims(query["nonce"]))))
+            flow_jar = dict(browser.jar)
+            callback = f"/auth/oidc/callback?code=c&state={query['state']}"
+            assert (await browser.call("GET", callback, follow=False)).headers[
+                "Location"
+            ] == "/home"
+            replay = await Browser(http, second.url).call(
+                "GET", callback, cookies=flow_jar, follow=False
+            )
+            assert replay.headers["Location"] == "/home?bff_error=flow_reused"
+            assert len(idp.token_calls) == 1
+
+
+async def test_a_new_login_replaces_a_session_cookie_the_callback_did_not_see() -> None:
+    # The callback is a navigation from the provider's site: the browser does not send
+    # the SameSite=Strict session cookie there. A new session too big for one cookie
+    # (written as chunks) must still replace the old unchunked one, which would
+    # otherwise win and keep the previous user logged in.
+    async with attack_env() as env:
+        first = await login_with(env, lambda n: rs256(env.idp.claims(n, sub="alice")))
+        assert first.headers["Location"] == "/home"
+        assert "bff-oidc" in env.browser.jar
+        started = await start_login(env.browser, "/home")
+        query = query_of(started.headers["Location"])
+        id_token = rs256(env.idp.claims(query["nonce"], sub="bob"))
+        env.idp.answer = lambda form: (200, token_answer(id_token, access="at-" + "b" * 5000))
+        flow_only = {n: v for n, v in env.browser.jar.items() if n.startswith("bff~flow-")}
+        reply = await env.browser.call(
+            "GET",
+            f"/auth/oidc/callback?code=c&state={query['state']}",
+            cookies=flow_only,
+            follow=False,
+        )
+        assert reply.headers["Location"] == "/home"
+        env.browser.absorb(reply)
+        assert "bff-oidc.0" in env.browser.jar  # the new session is chunked
+        session = (await env.browser.call("GET", "/auth/oidc/session")).json()
+        assert session["claims"]["sub"] == "bob"

@@ -944,3 +944,36 @@ async def test_static_route_with_an_over_long_name_falls_back_to_index(tmp_path:
     ):
         assert answer.status == 200
         assert await answer.text() == "<p>app</p>"
+
+
+async def test_login_flow_cookies_are_the_gateways_own_both_ways() -> None:
+    # An oauth2 login in progress leaves <prefix>~flow-<hash> cookies in the browser.
+    _data, recorder, _up = await raw_through_proxy(
+        b"GET /api/x HTTP/1.1\r\nHost: gw\r\n"
+        b"Cookie: theme=dark; bff~flow-0a1b2c=sealed1; __Host-bff~flow-3d4e5f=sealed2\r\n"
+        b"Connection: close\r\n\r\n",
+        {"forward_cookies": True},
+    )
+    (hit,) = recorder.hits
+    assert hit.headers.getall("Cookie") == ["theme=dark"]
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nSet-Cookie: a=1\r\n"
+            b"Set-Cookie: bff~flow-0a1b2c=; Max-Age=0\r\n"
+            b"Set-Cookie: __Host-bff~flow-3d4e5f=planted; Path=/; Secure\r\n\r\nok"
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        routes = [{"path": "/api/", "upstream": f"http://127.0.0.1:{port}/"}]
+        async with running_gateway(config_dict(routes)) as gateway:
+            data = await raw_request(
+                gateway.port, b"GET /api/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+            )
+    _status, headers, _body = split_response(data)
+    assert headers.getall("Set-Cookie") == ["a=1"]

@@ -280,6 +280,8 @@ def test_a_cookie_header_named_in_connection_is_not_forwarded() -> None:
         ("bff-demo", True),
         ("bff-demo.1", True),
         ("__host-bff-demo", True),
+        ("bff~flow-0a1b2c", True),
+        ("__Host-bff~flow-0a1b2c", True),
         ("bff", False),
         ("bffdemo", False),
         ("__Host-bffdemo", False),
