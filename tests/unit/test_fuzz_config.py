@@ -133,7 +133,8 @@ config_tree = st.fixed_dictionaries(
 HOSTILE_YAML = [
     "2001-13-45", "2001-02-29", "2001-1-1 25:61:61", "!!int x", "!!int 0x", "!!float x",
     "!!timestamp x", "!!timestamp 2001-13-45", "!!bool maybe", "!!null x", "!!binary ===",
-    "!!map x", "!!seq x", "!!set x", "!!omap x", "!!pairs x", "!!str [1]", "!!python/name:os.system",
+    "!!map x", "!!seq x", "!!set x", "!!omap x", "!!pairs x", "!!str [1]",
+    "!!python/name:os.system",
     "!!python/object/apply:os.system [x]", "!custom x", "&a x", "*undefined", "&a [*a]",
     "{", "[", "}", "]", "? x", "? [a]\n: 1", "<<: 1", "<<: *a", "|", ">-", "'", '"\\x"',
     '"\\uDFFF"', "%YAML 1.1", "---", "...", "@", "`", "~", ".inf", "-.inf", ".nan", "0o9",

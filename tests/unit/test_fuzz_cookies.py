@@ -157,7 +157,7 @@ def test_chunks_shuffled_dropped_or_duplicated_never_unseal_to_another_value(
     chosen = data.draw(
         st.lists(st.sampled_from(range(len(values))), min_size=1, max_size=len(values) + 1)
     )
-    renamed = data.draw(st.permutations(names + [f"{NAME}.{len(names)}", NAME]))
+    renamed = data.draw(st.permutations([*names, f"{NAME}.{len(names)}", NAME]))
     rebuilt = list(zip(renamed, [values[i] for i in chosen], strict=False))
     first = {}
     for name, value in rebuilt:
