@@ -132,7 +132,10 @@ def _parse_network(value: Any) -> Any:
                 f"{value!r} is not an IP network in CIDR form (e.g. 10.0.0.0/8), "
                 "with no host bits set"
             ) from None
-    return value
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    # Not a number either: ipaddress reads `true` or `1` as 0.0.0.1/32, silently.
+    raise ValueError("expected an IP network in CIDR form, e.g. 10.0.0.0/8")
 
 
 Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_parse_network)]

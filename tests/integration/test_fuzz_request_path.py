@@ -337,7 +337,12 @@ async def exchange(harness: Harness, data: bytes, method: bytes) -> Reply | None
     reader, writer = await asyncio.open_connection("127.0.0.1", harness.port, limit=2**20)
     try:
         writer.write(data)
-        return await asyncio.wait_for(read_reply(reader, method), timeout=20)
+        reply = await asyncio.wait_for(read_reply(reader, method), timeout=20)
+        if reply is not None and "close" in (v.lower() for v in reply.values("Connection")):
+            # Nothing may follow a closing answer (say, one to a smuggled request).
+            extra = await asyncio.wait_for(reader.read(), timeout=20)
+            assert extra == b"", f"bytes after the last answer: {extra[:200]!r}"
+        return reply
     finally:
         writer.close()
         await harness.upstream.settle()

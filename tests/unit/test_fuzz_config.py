@@ -10,6 +10,7 @@ aliases, flow openers); text over YAML's own punctuation; and deep nesting.
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Any
 
@@ -197,6 +198,8 @@ def assert_well_formed(problems: list[str]) -> None:
         assert problem.startswith(f"{SOURCE}: "), problem
         where, sep, reason = problem.removeprefix(f"{SOURCE}: ").partition(": ")
         assert sep and where and reason, f"no key path and reason: {problem!r}"
+        # A key path names YAML keys, never the validator's internals.
+        assert not re.search(r"lax-or-strict|function-|json-or-python|is-instance", where), problem
         assert SECRET not in problem, f"a secret was quoted: {problem!r}"
 
 
@@ -272,3 +275,14 @@ def test_anchors_and_merges_that_configs_use_still_load() -> None:
     config = load_config_text(text, env=ENV, source=SOURCE)
     assert [route.path for route in config.routes] == ["/base/", "/a/", "/b/"]
     assert all(route.timeouts.read == 5 for route in config.routes)
+
+
+@pytest.mark.parametrize("value", ["true", "1", "167772160", "2.5", "null"])
+def test_a_trusted_proxy_that_is_not_a_network_text_is_refused(value: str) -> None:
+    # Before: `true` and `1` loaded as 0.0.0.1/32 (ipaddress takes integers), and a
+    # float's problem was reported under pydantic's union internals, not a key path.
+    with pytest.raises(ConfigError) as raised:
+        load_config_text(f"server: {{trusted_proxies: [{value}]}}", env=ENV, source=SOURCE)
+    assert raised.value.problems == [
+        f"{SOURCE}: server.trusted_proxies.0: expected an IP network in CIDR form, e.g. 10.0.0.0/8"
+    ]
