@@ -47,6 +47,14 @@ from gateway.upstream_client import UpstreamClient
 from gateway.websocket import WebSockets, is_websocket_upgrade
 
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# CONNECT turns the client connection into a raw tunnel (aiohttp then streams
+# every later byte as its "body", and relays the answer without any framing);
+# TRACE makes an upstream echo the request, injected Authorization included.
+_NEVER_FORWARDED = {
+    "CONNECT": "CONNECT is not supported: this is not a forward proxy",
+    "TRACE": "TRACE is not supported: it would echo injected credentials",
+}
+_FORWARDABLE = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 _OVERLOADED = GatewayError(
     503, "overloaded", "the gateway is at its request limit; retry shortly", {"Retry-After": "1"}
 )
@@ -244,6 +252,8 @@ class Gateway:
 
     async def _dispatch(self, request: web.BaseRequest, ctx: Context) -> web.StreamResponse:
         path, query = split_target(request.raw_path)
+        if request.method in _NEVER_FORWARDED:
+            raise method_not_allowed(request.method, _FORWARDABLE, _NEVER_FORWARDED[request.method])
         if path.startswith("/auth/"):
             ctx.route = "/auth/"
             return await self.auth.handle(request, path, ctx)

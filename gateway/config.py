@@ -135,7 +135,10 @@ def _parse_network(value: Any) -> Any:
                 f"{value!r} is not an IP network in CIDR form (e.g. 10.0.0.0/8), "
                 "with no host bits set"
             ) from None
-    return value
+    if isinstance(value, ipaddress.IPv4Network | ipaddress.IPv6Network):
+        return value
+    # Not a number either: ipaddress reads `true` or `1` as 0.0.0.1/32, silently.
+    raise ValueError("expected an IP network in CIDR form, e.g. 10.0.0.0/8")
 
 
 Network = Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network, BeforeValidator(_parse_network)]
@@ -426,10 +429,10 @@ def _cross_checks(
         if key in seen:
             problems.append(f"{where}.path: {route.path!r} is also the path of routes.{seen[key]}")
         seen.setdefault(key, index)
-        if route.static is not None and not route.static.is_dir():
+        if route.static is not None and not _exists(route.static, Path.is_dir):
             problems.append(f"{where}.static: {str(route.static)!r} is not a directory")
         ca = route.tls.ca_file
-        if ca is not None and not ca.is_file():
+        if ca is not None and not _exists(ca, Path.is_file):
             problems.append(f"{where}.tls.ca_file: {str(ca)!r} does not exist")
     for name, provider in (providers or {}).items():
         if isinstance(provider, OAuth2Provider):
@@ -468,9 +471,18 @@ def _cross_checks(
     if server is not None and server.tls is not None:
         for field in ("cert_file", "key_file"):
             path = getattr(server.tls, field)
-            if not path.is_file():
+            if not _exists(path, Path.is_file):
                 problems.append(f"server.tls.{field}: {str(path)!r} does not exist")
     return problems
+
+
+def _exists(path: Path, test: Callable[[Path], bool]) -> bool:
+    """``test(path)``, where a path that cannot be checked at all (a name too long, a
+    directory we may not search) counts as missing instead of raising OSError."""
+    try:
+        return test(path)
+    except OSError:
+        return False
 
 
 _PROVIDER_ADAPTER: TypeAdapter[PasswordProvider | OAuth2Provider] = TypeAdapter(Provider)
@@ -611,6 +623,34 @@ def _resolve_static_dirs(raw: dict[str, Any], base_dir: Path | None) -> dict[str
     return {**raw, "routes": resolved}
 
 
+# Far beyond any real config, small enough to check at once: aliases can make a short
+# document expand to billions of values (or contain itself), and what follows walks it.
+_MAX_VALUES = 100_000
+_MAX_DEPTH = 64
+
+
+def _shape_problem(raw: Any) -> str | None:
+    """Why the loaded document is too big or too deep to validate, or None.
+
+    Walked without recursion, counting every value as often as aliases repeat it,
+    and stopping at the first limit crossed.
+    """
+    stack: list[tuple[Any, int]] = [(raw, 0)]
+    count = 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > _MAX_VALUES:
+            return f"more than {_MAX_VALUES} values once YAML aliases are expanded"
+        if depth > _MAX_DEPTH:
+            return f"nested more than {_MAX_DEPTH} levels deep"
+        if isinstance(node, dict):
+            stack.extend((child, depth + 1) for child in node.values())
+        elif isinstance(node, list):
+            stack.extend((child, depth + 1) for child in node)
+    return None
+
+
 class _DuplicateKeyError(yaml.constructor.ConstructorError):
     pass
 
@@ -650,10 +690,18 @@ def load_config_text(
         # Only our own message is shown: PyYAML's may quote the text, secrets included.
         reason = exc.problem if isinstance(exc, _DuplicateKeyError) else "not valid YAML"
         raise ConfigError([f"{source}: {where}: {reason}"]) from None
+    except Exception:
+        # PyYAML's constructors let plain exceptions through for some scalars and
+        # explicit tags (`2001-13-45`, `!!int x`, `!!bool maybe`), and its composer
+        # recurses once per nesting level (RecursionError on `[[[[...`).
+        raise ConfigError([f"{source}: ?: not valid YAML"]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([f"{source}: <root>: expected a mapping of sections"])
+    shape = _shape_problem(raw)
+    if shape is not None:
+        raise ConfigError([f"{source}: <root>: {shape}"])
     missing: dict[str, list[str]] = {}
     raw = _resolve_static_dirs(_interpolate(raw, env, "", missing), base_dir)
     problems: list[str] = [problem for listed in missing.values() for problem in listed]

@@ -112,13 +112,30 @@ def is_gateway_cookie(name: str, cookie_prefix: str) -> bool:
     return name.startswith(_gateway_cookie_prefixes(cookie_prefix))
 
 
+def writable(value: str) -> bool:
+    """False for text that was not UTF-8 on the wire.
+
+    aiohttp decodes header bytes as UTF-8 with surrogateescape, and its header
+    writer silently skips the surrogates that stand for the other bytes: passed
+    on, ``caf\xe9`` would arrive as ``caf`` and a cookie named ``\x80bff-demo``
+    as the gateway's own. Such a value is not passed on at all.
+    """
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def filter_cookie_header(lines: Iterable[str], cookie_prefix: str) -> str | None:
     """The client's cookies minus the gateway's own, or None when none remain."""
     kept = []
     for line in lines:
         for pair in line.split(";"):
             name = pair.split("=", 1)[0].strip()
-            if name and not is_gateway_cookie(name, cookie_prefix):
+            if name and not is_gateway_cookie(name, cookie_prefix) and writable(pair):
                 kept.append(pair.strip())
     return "; ".join(kept) or None
 
@@ -144,7 +161,7 @@ def upstream_request_headers(
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
-        if lower in _REQUEST_DROP or lower in drop or lower in named:
+        if lower in _REQUEST_DROP or lower in drop or lower in named or not writable(value):
             continue
         out.add(name, value)
 
@@ -165,12 +182,13 @@ def upstream_request_headers(
         )
         out.add(
             "X-Forwarded-Host",
-            from_trusted_proxy(incoming, named, "X-Forwarded-Host") or forwarded.host,
+            from_trusted_proxy(incoming, named, "X-Forwarded-Host")
+            or (forwarded.host if writable(forwarded.host) else ""),
         )
     else:
         out.add("X-Forwarded-For", forwarded.client_ip)
         out.add("X-Forwarded-Proto", forwarded.proto)
-        out.add("X-Forwarded-Host", forwarded.host)
+        out.add("X-Forwarded-Host", forwarded.host if writable(forwarded.host) else "")
     out.add("X-Request-Id", req_id)
 
     for name, value in inject.items():
@@ -185,7 +203,7 @@ def from_trusted_proxy(incoming: Headers, named: set[str], name: str) -> str | N
     none when its Connection header names it."""
     if name.lower() in named:
         return None
-    lines = [line.strip() for line in incoming.getall(name, ()) if line.strip()]
+    lines = [line.strip() for line in incoming.getall(name, ()) if line.strip() and writable(line)]
     return ", ".join(lines) or None
 
 
@@ -199,7 +217,7 @@ def response_headers(
         out = CIMultiDict()
     for name, value in upstream.items():
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower in named:
+        if lower in HOP_BY_HOP or lower in named or not writable(value):
             continue
         if lower == "set-cookie" and _sets_gateway_cookie(value, cookie_prefix):
             continue

@@ -23,7 +23,9 @@ import asyncio
 import json
 from typing import Any
 
-from aiohttp import web, web_protocol
+from aiohttp import HttpVersion10, HttpVersion11, StreamReader, web, web_protocol
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import RawRequestMessage
 
 from gateway.errors import GatewayError, error_response
 from gateway.observability.metrics import Metrics
@@ -39,6 +41,7 @@ def _raw_error(status: int, reason: str, code: str, message: str) -> bytes:
     return head.encode() + body
 
 
+_SPOKEN = (HttpVersion10, HttpVersion11)
 _HEAD_TIMEOUT_RESPONSE = _raw_error(
     408, "Request Timeout", "request_timeout", "the request head did not arrive in time"
 )
@@ -139,6 +142,25 @@ class PublicServer(web.Server):
         self.header_timeout = header_timeout
         self.max_connections = max_connections
         self.connections_open: set[_EdgeHandler] = set()
+
+    def _make_request(
+        self,
+        message: RawRequestMessage,
+        payload: StreamReader,
+        protocol: web_protocol.RequestHandler,
+        writer: AbstractStreamWriter,
+        task: asyncio.Task[None],
+    ) -> web.BaseRequest:
+        if message.version not in _SPOKEN:
+            # aiohttp's parser takes any digit.digit and its response echoes it
+            # ("HTTP/2.0 400" on an HTTP/1 connection): answer as HTTP/1.1 (RFC 9112
+            # §2.3) and close after, as for any client we do not fully understand.
+            message = message._replace(version=HttpVersion11, should_close=True)
+        if message.method == "CONNECT":
+            # The parser hands every later byte to a CONNECT as its tunnel: never
+            # read another request on this connection (the gateway refuses it).
+            message = message._replace(should_close=True)
+        return super()._make_request(message, payload, protocol, writer, task)
 
     def __call__(self) -> web_protocol.RequestHandler:
         kwargs: dict[str, Any] = self._kwargs

@@ -171,6 +171,14 @@ class Upstream:
             if pair and unquote_plus(pair.split("=", 1)[0]) not in self.inject_names
         ]
 
+    def _location_without_injected(self, value: str) -> str:
+        if "?" not in value:
+            return value
+        base, _, rest = value.partition("?")
+        query, hash_mark, fragment = rest.partition("#")
+        kept = "&".join(self._without_injected(query))
+        return base + (f"?{kept}" if kept else "") + hash_mark + fragment
+
     def _query(self, raw_query: str) -> str:
         if not self.inject_query:
             return raw_query
@@ -189,12 +197,12 @@ class Upstream:
         # ``secrets``, but their parameter still names an injected one).
         if self.inject_names:
             for name in ("Location", "Content-Location"):
-                value = headers.get(name)
-                if value is not None and "?" in value:
-                    base, _, rest = value.partition("?")
-                    query, hash_mark, fragment = rest.partition("#")
-                    kept = "&".join(self._without_injected(query))
-                    headers[name] = base + (f"?{kept}" if kept else "") + hash_mark + fragment
+                # Every line: a hostile upstream may send the header twice.
+                values = headers.getall(name, ())
+                if any("?" in value for value in values):
+                    headers.popall(name)
+                    for value in values:
+                        headers.add(name, self._location_without_injected(value))
         if self.secrets:
             for name, value in list(headers.items()):
                 if any(secret in value for secret in self.secrets):

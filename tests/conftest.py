@@ -2,6 +2,11 @@
 
 With BFF_REQUIRE_ALL=1 (set by CI) a skipped test is an error: tests that need
 Chromium or redis-server must run there, not quietly skip.
+
+Hypothesis runs derandomized (the same examples on every run, so CI is
+reproducible) and without its per-example deadline (two shared cores make
+timings meaningless). ``BFF_FUZZ_EXAMPLES=N`` switches to random exploration
+and runs each fuzz property N times (tests/support.py: fuzz_settings).
 """
 
 from __future__ import annotations
@@ -9,8 +14,13 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
 
 REQUIRE_ALL = os.environ.get("BFF_REQUIRE_ALL") == "1"
+
+settings.register_profile("bff", derandomize=True, deadline=None, print_blob=True)
+settings.register_profile("bff-explore", derandomize=False, deadline=None, print_blob=True)
+settings.load_profile("bff-explore" if os.environ.get("BFF_FUZZ_EXAMPLES") else "bff")
 
 
 @pytest.hookimpl(hookwrapper=True)

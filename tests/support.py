@@ -339,3 +339,28 @@ async def reached(event: asyncio.Event, *tasks: asyncio.Task[Any], timeout: floa
         if task in done:
             pytest.fail(f"the request ended before the upstream held it: {task.result()!r}")
     pytest.fail("timed out waiting for the upstream to hold the request")
+
+
+def fuzz_examples(default: int) -> int:
+    """How many examples a fuzz property runs: ``default`` (sized so that the whole
+    suite's fuzzing stays well under a minute), or ``BFF_FUZZ_EXAMPLES`` when set."""
+    return int(os.environ.get("BFF_FUZZ_EXAMPLES") or default)
+
+
+def fuzz_settings(default: int, **more: Any) -> Any:
+    """Hypothesis settings for a fuzz property: ``fuzz_examples(default)`` examples, no
+    deadline, derandomized unless ``BFF_FUZZ_EXAMPLES`` asks for exploration
+    (tests/conftest.py loads the profile)."""
+    from hypothesis import HealthCheck, settings
+
+    return settings(
+        max_examples=fuzz_examples(default),
+        deadline=None,
+        suppress_health_check=[
+            HealthCheck.too_slow,
+            HealthCheck.data_too_large,
+            HealthCheck.function_scoped_fixture,
+            HealthCheck.filter_too_much,
+        ],
+        **more,
+    )
