@@ -347,19 +347,13 @@ async def test_hop_by_hop_request_headers_are_removed() -> None:
     assert hit.headers["X-End-To-End"] == "kept"
 
 
-async def test_hop_by_hop_response_headers_are_removed() -> None:
+async def through_raw_upstream(response: bytes) -> bytes:
+    """What a client gets for ``GET /api/x`` through a gateway whose upstream answers
+    every request with exactly ``response``."""
+
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.readuntil(b"\r\n\r\n")
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
-            b"Connection: keep-alive, X-Named-Hop\r\nKeep-Alive: timeout=5\r\n"
-            b"Proxy-Authenticate: Basic\r\nTrailer: X-Checksum\r\nUpgrade: h2c\r\n"
-            b"Proxy-Connection: keep-alive\r\n"
-            b"X-Named-Hop: gone\r\nX-End-To-End: kept\r\n"
-            b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
-            b"Set-Cookie: bff-demo=evil; Path=/\r\nSet-Cookie: __Host-bff-demo=evil; Path=/\r\n"
-            b"\r\nok"
-        )
+        writer.write(response)
         await writer.drain()
         writer.close()
 
@@ -368,9 +362,22 @@ async def test_hop_by_hop_response_headers_are_removed() -> None:
     async with server:
         routes = [{"path": "/api/", "upstream": f"http://127.0.0.1:{port}/"}]
         async with running_gateway(config_dict(routes)) as gateway:
-            data = await raw_request(
+            return await raw_request(
                 gateway.port, b"GET /api/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
             )
+
+
+async def test_hop_by_hop_response_headers_are_removed() -> None:
+    data = await through_raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+        b"Connection: keep-alive, X-Named-Hop\r\nKeep-Alive: timeout=5\r\n"
+        b"Proxy-Authenticate: Basic\r\nTrailer: X-Checksum\r\nUpgrade: h2c\r\n"
+        b"Proxy-Connection: keep-alive\r\n"
+        b"X-Named-Hop: gone\r\nX-End-To-End: kept\r\n"
+        b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\n"
+        b"Set-Cookie: bff-demo=evil; Path=/\r\nSet-Cookie: __Host-bff-demo=evil; Path=/\r\n"
+        b"\r\nok"
+    )
     status, headers, body = split_response(data)
     assert (status, body) == (200, b"ok")
     for name in ("Keep-Alive", "Proxy-Authenticate", "Trailer", "Upgrade", "Proxy-Connection"):
@@ -957,23 +964,10 @@ async def test_login_flow_cookies_are_the_gateways_own_both_ways() -> None:
     (hit,) = recorder.hits
     assert hit.headers.getall("Cookie") == ["theme=dark"]
 
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nSet-Cookie: a=1\r\n"
-            b"Set-Cookie: bff~flow-0a1b2c=; Max-Age=0\r\n"
-            b"Set-Cookie: __Host-bff~flow-3d4e5f=planted; Path=/; Secure\r\n\r\nok"
-        )
-        await writer.drain()
-        writer.close()
-
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    async with server:
-        routes = [{"path": "/api/", "upstream": f"http://127.0.0.1:{port}/"}]
-        async with running_gateway(config_dict(routes)) as gateway:
-            data = await raw_request(
-                gateway.port, b"GET /api/x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
-            )
+    data = await through_raw_upstream(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nSet-Cookie: a=1\r\n"
+        b"Set-Cookie: bff~flow-0a1b2c=; Max-Age=0\r\n"
+        b"Set-Cookie: __Host-bff~flow-3d4e5f=planted; Path=/; Secure\r\n\r\nok"
+    )
     _status, headers, _body = split_response(data)
     assert headers.getall("Set-Cookie") == ["a=1"]
