@@ -21,6 +21,9 @@ from gateway.config import OAuth2Provider
 
 ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512")
 DISCOVERY_TTL = 3600.0
+# Signing keys are fetched again after this long even when every kid is known: a key
+# the provider withdrew (compromised, retired) must stop verifying tokens.
+KEYS_TTL = 3600.0
 LEEWAY = 60.0  # clock skew allowed on exp and iat
 _DOCUMENT_LIMIT = 512 * 1024
 
@@ -162,6 +165,7 @@ class KeySet:
         self._timeout = timeout
         self._keys: list[dict[str, Any]] | None = None
         self._url: str | None = None
+        self._fetched_at = 0.0
         self._lock = asyncio.Lock()
 
     async def key_for(self, url: str, kid: str | None, alg: str) -> jwt.PyJWK:
@@ -185,14 +189,16 @@ class KeySet:
                 self._keys is not None
                 and self._url == url
                 and (not refetch or self._keys is not stale)
+                and time.monotonic() - self._fetched_at < KEYS_TTL
             ):
-                return self._keys  # fetched meanwhile by a concurrent caller
+                return self._keys  # cached, or fetched meanwhile by a concurrent caller
             document = await fetch_json(self._client, url, self._timeout)
             keys = document.get("keys") if isinstance(document, dict) else None
             if not isinstance(keys, list):
                 raise ProviderUnavailable("the JWKS document has no keys")
             self._keys = [key for key in keys if isinstance(key, dict)]
             self._url = url
+            self._fetched_at = time.monotonic()
             return self._keys
 
 

@@ -25,6 +25,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
+from gateway.auth import oidc
 from gateway.auth.flow import Flow, FlowCookies
 from gateway.config import SessionConfig
 from gateway.sessions.seal import KeyRing, decode_key
@@ -276,6 +277,24 @@ async def test_an_unknown_kid_fetches_the_keys_again_once() -> None:
         reply = await login_with(env, lambda n: rs256(env.idp.claims(n), RSA_KEY, "ghost"))
         assert_failed(reply, "invalid_id_token")
         assert env.idp.jwks_fetches == 3
+
+
+async def test_a_withdrawn_key_stops_verifying_once_the_key_set_expires(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with attack_env() as env:
+        assert (await login_with(env, lambda n: rs256(env.idp.claims(n)))).status == 302
+        assert env.idp.jwks_fetches == 1
+        # The provider withdraws the key (same kid): cached, it still verifies for now.
+        env.idp.keys = [public_jwk(OTHER_RSA_KEY, "rsa1", "RS256")]
+        assert (await login_with(env, lambda n: rs256(env.idp.claims(n)))).status == 302
+        assert env.idp.jwks_fetches == 1
+        # Once the set's lifetime (an hour) is over it is fetched again, and the
+        # withdrawn key no longer verifies.
+        monkeypatch.setattr(oidc, "KEYS_TTL", 0.0)
+        reply = await login_with(env, lambda n: rs256(env.idp.claims(n)))
+        assert_failed(reply, "invalid_id_token")
+        assert env.idp.jwks_fetches == 2
 
 
 # -- flows -----------------------------------------------------------------------
