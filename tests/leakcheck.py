@@ -20,7 +20,8 @@ that every record the gateway would write exists and is searched (elsewhere the
 levels are the tests' own: raising them would change what their caplog sees).
 
 At the end of the session every capture is searched for every 16-character window
-of every recorded secret (a set of windows built once, each text scanned once) and
+of every recorded secret (a set of windows built once, each text scanned once; a
+secret of 10 to 15 characters is searched whole, a shorter one not at all) and
 the run fails naming the test and the place, with a short hash of the secret,
 never the secret. The one allowed appearance: the ID token as ``id_token_hint``
 in a Location that points at a provider's end-session endpoint (SPEC, README: the
@@ -33,6 +34,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
@@ -42,6 +45,7 @@ import pytest
 from gateway.observability import logs
 
 WINDOW = 16  # as tests/e2e/test_browser.py: a 16-character piece of a secret is a leak
+SHORTEST = 10  # a shorter "secret" is a fixture such as code=c: searched, it would be everywhere
 GATEWAY_LOGGERS = ("bff.gateway", "bff.access")
 # The modules whose tests talk to a test provider: logs at DEBUG while they run.
 OAUTH_MODULES = ("test_oauth2_", "test_browser_oidc")
@@ -90,7 +94,8 @@ class LeakRegistry:
     captured: list[Captured] = field(default_factory=list)
     end_sessions: set[str] = field(default_factory=set)
     test: str = "(outside any test)"
-    too_short: int = 0  # secrets under WINDOW characters: fixtures like "c", not searched
+    too_short: int = 0  # secrets under SHORTEST characters: fixtures like "c", not searched
+    allowed_hints: int = 0  # id_token_hint values left out of end-session Locations
     lock: threading.Lock = field(default_factory=threading.Lock)  # providers run on threads
 
     # -- what the providers issue
@@ -99,7 +104,7 @@ class LeakRegistry:
         if not isinstance(value, str) or not value:
             return
         with self.lock:
-            if len(value) < WINDOW:
+            if len(value) < SHORTEST:
                 self.too_short += 1
             elif value not in self.secrets:
                 self.secrets[value] = Secret(kind, self.test)
@@ -138,6 +143,10 @@ class LeakRegistry:
             for k, v in query
             if not (k == "id_token_hint" and self._kind(v) == "id_token")
         ]
+        if len(kept) == len(query):
+            return location
+        with self.lock:
+            self.allowed_hints += 1
         return location.split("?", 1)[0] + "?" + "&".join(kept) + " (id_token_hint left out)"
 
     def _kind(self, value: str) -> str:
@@ -152,12 +161,15 @@ class LeakRegistry:
             secrets = dict(self.secrets)
             captured = list(self.captured)
         windows: dict[str, str] = {}
+        short = [value for value in secrets if len(value) < WINDOW]  # searched whole
         for value in secrets:
             for i in range(len(value) - WINDOW + 1):
                 windows.setdefault(value[i : i + WINDOW], value)
         found: list[Leak] = []
         for item in captured:
-            for value in _secrets_in(item.text, windows):
+            hits = list(_secrets_in(item.text, windows))
+            hits += [value for value in short if value in item.text]
+            for value in hits:
                 secret = secrets[value]
                 found.append(
                     Leak(item.test, item.where, secret.kind, secret.test, fingerprint(value))
@@ -238,27 +250,42 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):  #
         REGISTRY.test = "(between tests)"
 
 
+_verdict: list[str] = []  # the summary line, written by pytest_terminal_summary
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    found = REGISTRY.leaks()
-    if not found:
+    """Search everything captured; a leak fails the run (exit status 1)."""
+    if not REGISTRY.secrets:
         return
-    report = "\n".join(f"  {leak}" for leak in found)
-    message = (
-        f"LEAK CHECK FAILED: {len(found)} token/code appearance(s) in gateway responses "
-        f"or log lines (secrets shown by hash only):\n{report}"
+    started = time.perf_counter()
+    found = REGISTRY.leaks()
+    took = time.perf_counter() - started
+    kinds = Counter(secret.kind for secret in REGISTRY.secrets.values())
+    places = Counter(item.where.split(" ", 1)[0] for item in REGISTRY.captured)
+    _verdict.append(
+        f"leak check: {len(REGISTRY.secrets)} secrets ({_counts(kinds)}; "
+        f"{REGISTRY.too_short} under {SHORTEST} characters not searched) in "
+        f"{len(REGISTRY.captured)} captures ({_counts(places)}; "
+        f"{sum(len(c.text) for c in REGISTRY.captured)} characters), "
+        f"{REGISTRY.allowed_hints} end-session id_token_hint(s) allowed, "
+        f"{took:.2f} s: {len(found)} leak(s)"
     )
-    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_sep("=", "leak check", red=True)
-        reporter.write_line(message)
-    else:
-        print(message)
-    session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    if found:
+        _verdict.append(
+            "LEAK CHECK FAILED: a token or code reached a gateway response or log line "
+            "(secrets shown by hash only):\n" + "\n".join(f"  {leak}" for leak in found)
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def _counts(counter: Counter[str]) -> str:
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counter.items()))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if REGISTRY.secrets:
-        terminalreporter.write_line(
-            f"leak check: {len(REGISTRY.secrets)} secrets searched in "
-            f"{len(REGISTRY.captured)} captured responses and log lines"
-        )
+    for line in _verdict:
+        failed = line.startswith("LEAK CHECK FAILED")
+        if failed:
+            terminalreporter.write_sep("=", "leak check", red=True)
+        terminalreporter.write_line(line, red=failed)
