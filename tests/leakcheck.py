@@ -96,6 +96,7 @@ class LeakRegistry:
     test: str = "(outside any test)"
     too_short: int = 0  # secrets under SHORTEST characters: fixtures like "c", not searched
     allowed_hints: int = 0  # id_token_hint values left out of end-session Locations
+    capture_errors: list[str] = field(default_factory=list)  # a hole in the search: fails
     lock: threading.Lock = field(default_factory=threading.Lock)  # providers run on threads
 
     # -- what the providers issue
@@ -209,7 +210,12 @@ class _LogRecorder(logging.Filter):
         self.formatter = logs.JsonFormatter()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        self.registry.record_text(f"log record of {record.name}", self.formatter.format(record))
+        try:
+            text = self.formatter.format(record)
+        except Exception as exc:  # never break the gateway's logging; fail the check instead
+            self.registry.capture_errors.append(f"{record.name}: {type(exc).__name__}")
+        else:
+            self.registry.record_text(f"log record of {record.name}", text)
         return True
 
 
@@ -271,10 +277,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         f"{REGISTRY.allowed_hints} end-session id_token_hint(s) allowed, "
         f"{took:.2f} s: {len(found)} leak(s)"
     )
-    if found:
+    problems = [str(leak) for leak in found]
+    problems += [f"a log record could not be captured ({e})" for e in REGISTRY.capture_errors]
+    if not REGISTRY.captured:
+        problems.append("secrets were issued but nothing was captured: the capture is broken")
+    if problems:
         _verdict.append(
-            "LEAK CHECK FAILED: a token or code reached a gateway response or log line "
-            "(secrets shown by hash only):\n" + "\n".join(f"  {leak}" for leak in found)
+            "LEAK CHECK FAILED: a token or code reached a gateway response or log line, "
+            "or the capture failed "
+            "(secrets shown by hash only):\n" + "\n".join(f"  {p}" for p in problems)
         )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 

@@ -15,7 +15,14 @@ import aiohttp
 from aiohttp import web
 
 from gateway.observability import logs
-from tests.leakcheck import REGISTRY, WINDOW, Captured, LeakRegistry, fingerprint
+from tests.leakcheck import (
+    REGISTRY,
+    WINDOW,
+    Captured,
+    LeakRegistry,
+    _LogRecorder,
+    fingerprint,
+)
 from tests.session_support import Browser
 from tests.support import running_app
 
@@ -170,3 +177,12 @@ def test_a_run_whose_gateway_logs_a_token_fails(tmp_path: Path) -> None:
     assert f"access_token {fingerprint(secret)}" in out
     assert "found in log record of bff.gateway during test_leaking.py::test_leaks" in out
     assert secret not in out and secret[8:24] not in out
+    assert "the capture is broken" not in out
+
+
+def test_a_log_record_that_cannot_be_formatted_fails_the_check_without_breaking_logging() -> None:
+    registry = LeakRegistry()
+    recorder = _LogRecorder(registry)
+    record = logging.LogRecord("bff.gateway", logging.INFO, "f", 1, "%d", ("x",), None)
+    assert recorder.filter(record) is True
+    assert registry.capture_errors == ["bff.gateway: TypeError"] and registry.captured == []
