@@ -42,8 +42,8 @@ from tests.session_support import Browser, Reply
 from tests.support import RunningGateway, config_dict, running_app, running_gateway
 
 CLIENT_ID = "bff-test"
-ISSUED_TOKENS = ("access_token", "refresh_token", "id_token")
 CLIENT_SECRET = "s3cret-of-the-client"
+ISSUED_TOKENS = ("access_token", "refresh_token", "id_token")  # searched for by tests/leakcheck.py
 
 
 @dataclass
