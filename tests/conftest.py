@@ -16,6 +16,9 @@ import os
 import pytest
 from hypothesis import settings
 
+# The suite-wide search for tokens and codes in responses and log lines (issue 12).
+pytest_plugins = ["tests.leakcheck"]
+
 REQUIRE_ALL = os.environ.get("BFF_REQUIRE_ALL") == "1"
 
 settings.register_profile("bff", derandomize=True, deadline=None, print_blob=True)

@@ -37,11 +37,13 @@ from aiohttp import web
 from oidc_provider_mock import _app as mock_app
 
 from gateway.demo.oidc import provider_app, serve_in_thread
+from tests.leakcheck import REGISTRY
 from tests.session_support import Browser, Reply
 from tests.support import RunningGateway, config_dict, running_app, running_gateway
 
 CLIENT_ID = "bff-test"
 CLIENT_SECRET = "s3cret-of-the-client"
+ISSUED_TOKENS = ("access_token", "refresh_token", "id_token")  # searched for by tests/leakcheck.py
 
 
 @dataclass
@@ -82,6 +84,7 @@ class _Recorder:
             query = {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
             with self.record.lock:
                 self.record.authorize.append(query)
+            return self.app(environ, self._recording_code(start_response))
         if method == "POST" and path in ("/oauth2/token", "/oauth2/revoke"):
             length = int(environ.get("CONTENT_LENGTH") or 0)
             body = environ["wsgi.input"].read(length)
@@ -104,10 +107,24 @@ class _Recorder:
             grant.status = status[0]
             with contextlib.suppress(ValueError):
                 grant.answer = json.loads(b"".join(chunks))
+            for kind in ISSUED_TOKENS:
+                REGISTRY.record_secret(kind, grant.answer.get(kind))
             with self.record.lock:
                 self.record.grants.append(grant)
             return chunks
         return self.app(environ, start_response)
+
+    @staticmethod
+    def _recording_code(start_response: Any) -> Any:
+        """The provider's redirect back to the callback carries the code: record it."""
+
+        def start(status_line: str, headers: Any, *rest: Any) -> Any:
+            for name, value in headers:
+                if name.lower() == "location":
+                    REGISTRY.record_secret("code", query_of(value).get("code"))
+            return start_response(status_line, headers, *rest)
+
+        return start
 
     def _check_pkce(self, form: dict[str, str]) -> None:
         verifier = form.get("code_verifier", "")
@@ -141,7 +158,9 @@ def oidc_provider(
     app = provider_app(max(1, int(access_ttl)), refresh_tokens=refresh_tokens)
     record = Record()
     with serve_in_thread(_Recorder(app, record), "127.0.0.1", 0) as port:
-        yield OidcProvider(f"http://127.0.0.1:{port}", record)
+        issuer = f"http://127.0.0.1:{port}"
+        REGISTRY.record_end_session(f"{issuer}/oauth2/end_session")
+        yield OidcProvider(issuer, record)
 
 
 def userinfo_upstream(issuer: str, seen: list[str]) -> web.Application:

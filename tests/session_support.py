@@ -16,6 +16,7 @@ from multidict import CIMultiDictProxy
 from gateway.demo.api import AUTHORITY_KEY, DemoStats, TokenAuthority, create_demo_api
 from gateway.sessions.model import Session
 from gateway.sessions.seal import KeyRing, decode_key
+from tests.leakcheck import REGISTRY
 from tests.support import TEST_KEY, RunningGateway, config_dict, running_app, running_gateway
 
 UNSAFE = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -89,6 +90,11 @@ class Browser:
             allow_redirects=follow,
         ) as response:
             reply = Reply(response.status, response.headers, await response.read())
+            for hop in response.history:  # the redirects followed: their Location too
+                REGISTRY.record_response(str(hop.url), hop.status, hop.headers.items(), None)
+            REGISTRY.record_response(
+                str(response.url), reply.status, reply.headers.items(), reply.body
+            )
         if cookies is None:
             self.absorb(reply)
         return reply

@@ -28,6 +28,7 @@ from tests.e2e.test_browser import (
     token_windows,
     wait_until,
 )
+from tests.leakcheck import REGISTRY
 from tests.oauth_support import oidc_provider
 from tests.support import running_app, running_gateway
 
@@ -116,8 +117,14 @@ async def test_oidc_sign_in_refresh_and_no_token_in_browser(
                     left = [c["name"] for c in await context.cookies(gw.url)]
                     assert not [n for n in left if n.startswith("bff-oidc")], left
                     assert len(provider.record.revoked) == 1
+                    await recorder.settle()
                 finally:
                     await browser.close()
+                # The session-wide leak check (tests/leakcheck.py) searches all of them,
+                # those after the logout click included.
+                for seen in recorder.responses:
+                    if seen.url.startswith(gw.url):
+                        REGISTRY.record_response(seen.url, seen.status, seen.headers, seen.body)
 
     # ---- no token anywhere the page could see it
     tokens = [

@@ -30,7 +30,9 @@ from gateway.auth.flow import Flow, FlowCookies
 from gateway.config import SessionConfig
 from gateway.sessions.seal import KeyRing, decode_key
 from tests.integration.test_redis import RedisServer, redis_server  # noqa: F401 - a fixture
+from tests.leakcheck import REGISTRY
 from tests.oauth_support import (
+    ISSUED_TOKENS,
     authorize_at_provider,
     local,
     oidc_env,
@@ -113,6 +115,9 @@ async def fake_idp() -> AsyncIterator[FakeIdp]:
         form = {k: v for k, v in (await request.post()).items() if isinstance(v, str)}
         idp.token_calls.append(form)
         status, body = idp.answer(form)
+        if isinstance(body, dict):
+            for kind in ISSUED_TOKENS:
+                REGISTRY.record_secret(kind, body.get(kind))
         if isinstance(body, str):
             return web.Response(status=status, text=body, content_type="text/plain")
         return web.json_response(body, status=status)

@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from tests.leakcheck import REGISTRY
 from tests.oauth_support import query_of, start_login
 from tests.session_support import Browser
 from tests.support import config_dict, running_app, running_gateway
@@ -32,6 +33,7 @@ class GitHubLike:
 
     def grant_code(self, login: str) -> str:
         code = secrets.token_hex(10)
+        REGISTRY.record_secret("code", code)
         self.codes[code] = login
         return code
 
@@ -49,6 +51,7 @@ async def github_like() -> AsyncIterator[GitHubLike]:
         else:
             token = "gho_" + secrets.token_hex(16)
             hub.tokens[token] = login
+            REGISTRY.record_secret("access_token", token)
             body = urlencode({"access_token": token, "scope": "read:user", "token_type": "bearer"})
         # Always 200 and form-encoded, whatever Accept says.
         return web.Response(text=body, content_type="application/x-www-form-urlencoded")
