@@ -44,6 +44,7 @@ from gateway.sessions.model import Session, Tokens
 from gateway.sessions.seal import KeyRing
 
 _ANSWER_LIMIT = 1024 * 1024
+REVOKE_TIMEOUT = 5.0  # seconds; revocation is best effort (RFC 7009 §2.2)
 
 
 class TokenRejected(Exception):
@@ -70,6 +71,11 @@ class OAuth2Login:
         self.config = config
         self._client = client
         self._timeout = client_timeout(timeouts)
+        # The logout answer, and with it the expired cookies, waits for revocation: a
+        # slow provider must not hold it (a browser that gives up keeps its cookie).
+        self._revoke_timeout = aiohttp.ClientTimeout(
+            total=REVOKE_TIMEOUT, sock_connect=self._timeout.sock_connect
+        )
         self._discovery = Discovery(config, client, self._timeout)
         self._keys = KeySet(client, self._timeout)
         self._flows = FlowCookies(session, keyring)
@@ -240,7 +246,9 @@ class OAuth2Login:
             form["client_secret"] = config.client_secret
         return {}
 
-    async def _post_form(self, url: str, form: dict[str, str]) -> tuple[int, str, bytes]:
+    async def _post_form(
+        self, url: str, form: dict[str, str], timeout: aiohttp.ClientTimeout | None = None
+    ) -> tuple[int, str, bytes]:
         headers = {
             "Content-Type": "application/x-www-form-urlencoded",
             "Accept": "application/json",
@@ -251,7 +259,7 @@ class OAuth2Login:
                 url,
                 data=urlencode(form).encode(),
                 headers=headers,
-                timeout=self._timeout,
+                timeout=timeout or self._timeout,
                 allow_redirects=False,
             ) as response:
                 raw = await read_bounded(response, _ANSWER_LIMIT)
@@ -303,7 +311,7 @@ class OAuth2Login:
         else:
             form = {"token": session.access_token, "token_type_hint": "access_token"}
         try:
-            await self._post_form(endpoints.revocation_url, form)
+            await self._post_form(endpoints.revocation_url, form, self._revoke_timeout)
         except ProviderUnavailable:
             return
 

@@ -10,6 +10,7 @@ the real provider (oidc-provider-mock).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -25,7 +26,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway.auth import oidc
+from gateway.auth import oauth2, oidc
 from gateway.auth.flow import Flow, FlowCookies
 from gateway.config import SessionConfig
 from gateway.sessions.seal import KeyRing, decode_key
@@ -75,6 +76,8 @@ class FakeIdp:
     discovery_fetches: int = 0
     discovery_down: bool = False
     discovery_over: dict[str, Any] = field(default_factory=dict)  # keys the document changes
+    revocations: list[str] = field(default_factory=list)  # token_type_hint of each call
+    revoke_release: asyncio.Event = field(default_factory=asyncio.Event)  # it hangs until set
 
     def claims(self, nonce: str, **over: Any) -> dict[str, Any]:
         now = int(time.time())
@@ -122,8 +125,14 @@ async def fake_idp() -> AsyncIterator[FakeIdp]:
             return web.Response(status=status, text=body, content_type="text/plain")
         return web.json_response(body, status=status)
 
+    async def revoke(request: web.Request) -> web.Response:
+        idp.revocations.append(str((await request.post()).get("token_type_hint")))
+        await idp.revoke_release.wait()
+        return web.Response()
+
     app = web.Application()
     app.router.add_get("/.well-known/openid-configuration", discovery)
+    app.router.add_post("/revoke", revoke)
     app.router.add_get("/jwks", jwks)
     app.router.add_post("/token", token)
     async with running_app(app) as url:
@@ -557,6 +566,24 @@ async def test_abandoned_logins_do_not_pile_up_in_the_cookie_header() -> None:
             "GET", f"/auth/oidc/callback?code=c&state={first}", follow=False
         )
         assert gone.headers["Location"] == "/?bff_error=invalid_state"
+
+
+async def test_a_provider_slow_to_revoke_does_not_hold_the_logout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Revocation is best effort: past its own short limit (5 s; 0.3 here) the logout
+    # answers and expires the cookies, where the read timeout (60 s) would hold it.
+    monkeypatch.setattr(oauth2, "REVOKE_TIMEOUT", 0.3)
+    async with attack_env() as env:
+        env.idp.discovery_over["revocation_endpoint"] = f"{env.idp.url}/revoke"
+        assert (await login_with(env, lambda n: rs256(env.idp.claims(n)))).status == 302
+        logout = await asyncio.wait_for(env.browser.call("POST", "/auth/oidc/logout"), 20)
+        assert logout.status == 204
+        assert env.idp.revocations == ["access_token"]  # asked (no refresh token), never answered
+        assert (await env.browser.call("GET", "/auth/oidc/session")).json() == {
+            "authenticated": False
+        }
+        env.idp.revoke_release.set()
 
 
 async def test_a_cross_site_logout_link_does_not_log_out() -> None:
