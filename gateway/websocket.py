@@ -602,19 +602,16 @@ class WebSockets:
         if self._cookie_store or handle is None:
             return None, ends_at
         store, provider = manager.store, session.provider
-        idle = self.gateway.config.session.idle_timeout
 
         async def alive() -> bool:
             try:
                 current = await store.load(handle)
             except StoreUnavailable:
                 return True  # a store that is down has not ended anything
-            now = time.time()
             return (
                 current is not None
                 and current.provider == provider
-                and now <= manager.ends_at(current)
-                and now - current.last_seen <= idle
+                and not manager.expired(current, time.time())
             )
 
         return alive, ends_at

@@ -29,12 +29,8 @@ class CsrfPolicy:
         if headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
             raise _failed("cross-site requests are not allowed")
         origin = headers.get("Origin")
-        if origin is None:
-            return
-        origin = origin.strip().lower()
-        expected = self._public_origin or own_origin.lower()
-        if origin != expected and origin not in self._allowed:
-            raise _failed("the request's origin is not allowed")
+        if origin is not None:
+            self._allow_origin(origin, own_origin)
 
     def check_origin(self, headers: Headers, own_origin: str) -> None:
         """A WebSocket handshake on a route that carries the browser's credentials:
@@ -43,6 +39,9 @@ class CsrfPolicy:
         origin = headers.get("Origin")
         if origin is None:
             raise _failed("a WebSocket handshake needs an Origin header")
+        self._allow_origin(origin, own_origin)
+
+    def _allow_origin(self, origin: str, own_origin: str) -> None:
         origin = origin.strip().lower()
         expected = self._public_origin or own_origin.lower()
         if origin != expected and origin not in self._allowed:

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from gateway.auth.csrf import UNSAFE_METHODS, CsrfPolicy
 from gateway.auth.provider import LoginStep, ProviderRuntime
-from gateway.auth.return_to import local_return_to, with_error
+from gateway.auth.return_to import local_return_to, redirect, with_error
 from gateway.auth.session_access import SessionAccess
 from gateway.context import Context
 from gateway.errors import GatewayError, json_response, method_not_allowed
@@ -64,7 +64,7 @@ class AuthEndpoints:
             return await self.callback(request, provider, ctx)
         if action == "logout":
             if method == "GET" and browser_flow:
-                return await self.logout_redirect(request, provider, ctx)
+                return await self.logoutredirect(request, provider, ctx)
             self._allow(method, *(("GET", "POST") if browser_flow else ("POST",)))
             return await self.logout(request, [provider], ctx)
         if action == "session":
@@ -97,7 +97,6 @@ class AuthEndpoints:
     ) -> web.Response:
         if request.method in UNSAFE_METHODS:
             self._csrf(request)
-        self._sessions()
         try:
             step = await provider.provider.start_login(request, self._origin(request))
         except GatewayError:
@@ -108,7 +107,6 @@ class AuthEndpoints:
     async def callback(
         self, request: web.BaseRequest, provider: ProviderRuntime, ctx: Context
     ) -> web.Response:
-        self._sessions()
         step = await provider.provider.finish_login(request, self._origin(request))
         return await self._finish(request, provider, step, ctx)
 
@@ -133,7 +131,7 @@ class AuthEndpoints:
                 await provider.provider.revoke(session)
         return await self._respond(web.Response(status=204), ctx)
 
-    async def logout_redirect(
+    async def logoutredirect(
         self, request: web.BaseRequest, provider: ProviderRuntime, ctx: Context
     ) -> web.Response:
         """``GET /auth/P/logout?return_to=/path``: a navigation that ends the session,
@@ -142,12 +140,12 @@ class AuthEndpoints:
         return_to = local_return_to(request.query.get("return_to"))
         if request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site":
             # Another site cannot log the user out by linking here.
-            return _redirect(with_error(return_to, "csrf_failed"))
+            return redirect(with_error(return_to, "csrf_failed"))
         session = await self._sessions().end(request, provider, ctx)
         if session is not None:
             await provider.provider.revoke(session)
         target = provider.provider.end_session_url(session, self._origin(request))
-        return await self._respond(_redirect(target or return_to), ctx)
+        return await self._respond(redirect(target or return_to), ctx)
 
     async def session(
         self, request: web.BaseRequest, provider: ProviderRuntime, ctx: Context
@@ -183,7 +181,3 @@ class AuthEndpoints:
             ),
             ctx,
         )
-
-
-def _redirect(location: str) -> web.Response:
-    return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})

@@ -27,11 +27,11 @@ from redis.exceptions import RedisError
 
 from gateway.config import SessionConfig
 from gateway.headers import Headers
+from gateway.sessions.cookies import cookie_attributes, cookies_named, expired_cookie, name_base
 from gateway.sessions.seal import KeyRing
 
 FLOW_SECONDS = 600
 MAX_PARALLEL_FLOWS = 3  # logins under way in one browser; older ones are dropped
-_EXPIRED_DATE = "Thu, 01 Jan 1970 00:00:00 GMT"
 
 
 def random_token(size: int = 32) -> str:
@@ -94,16 +94,15 @@ def flow_digest(state: str) -> str:
 class FlowCookies:
     def __init__(self, session: SessionConfig, keyring: KeyRing) -> None:
         self._keyring = keyring
-        self._base = f"__Host-{session.cookie_prefix}" if session.secure else session.cookie_prefix
         # "~" cannot appear in a cookie_prefix or provider name: no session cookie
         # is ever named like a flow cookie.
-        attributes = ["Path=/", "HttpOnly", "SameSite=Lax"]
-        if session.secure:
-            attributes.insert(1, "Secure")
-        self._attributes = "; ".join(attributes)
+        self._marker = name_base(session.cookie_prefix, session.secure) + "~flow-"
+        # Lax whatever the session's SameSite: the provider's redirect back is a
+        # cross-site navigation, and it must carry this cookie.
+        self._attributes = cookie_attributes(session.secure, "Lax")
 
     def name(self, state: str) -> str:
-        return f"{self._base}~flow-{flow_digest(state)[:24]}"
+        return f"{self._marker}{flow_digest(state)[:24]}"
 
     def set_cookie(self, flow: Flow) -> str:
         name = self.name(flow.state)
@@ -120,31 +119,26 @@ class FlowCookies:
         Abandoned logins would otherwise pile up in the Cookie header (each is
         about 400 bytes) until it outgrows ``max_header_size``.
         """
-        marker = f"{self._base}~flow-"
         found: list[tuple[float, str]] = []
         drop: list[str] = []
-        for line in headers.getall("Cookie", ()):
-            for pair in line.split(";"):
-                name, _, value = pair.strip().partition("=")
-                if not name.startswith(marker):
-                    continue
-                unsealed = self._keyring.unseal(value, name)
-                flow = Flow.from_bytes(unsealed.plaintext) if unsealed is not None else None
-                if flow is None:
-                    drop.append(name)
-                else:
-                    found.append((flow.expires_at, name))
+        for name, value in cookies_named(headers, self._marker).items():
+            unsealed = self._keyring.unseal(value, name)
+            flow = Flow.from_bytes(unsealed.plaintext) if unsealed is not None else None
+            if flow is None:
+                drop.append(name)
+            else:
+                found.append((flow.expires_at, name))
         found.sort(reverse=True)
         drop.extend(name for _, name in found[MAX_PARALLEL_FLOWS - 1 :])
         return drop
 
     def clear_named(self, name: str) -> str:
-        return f"{name}=; Max-Age=0; Expires={_EXPIRED_DATE}; {self._attributes}"
+        return expired_cookie(name, self._attributes)
 
     def read(self, headers: Headers, state: str) -> Flow | None:
         """The flow whose cookie the browser sent for ``state``; None if absent or forged."""
         name = self.name(state)
-        value = _cookie(headers, name)
+        value = cookies_named(headers, name).get(name)
         if value is None:
             return None
         unsealed = self._keyring.unseal(value, name)
@@ -154,15 +148,6 @@ class FlowCookies:
         if flow is None or not secrets.compare_digest(flow.state, state):
             return None
         return flow
-
-
-def _cookie(headers: Headers, name: str) -> str | None:
-    for line in headers.getall("Cookie", ()):
-        for pair in line.split(";"):
-            key, _, value = pair.strip().partition("=")
-            if key == name:
-                return value
-    return None
 
 
 class FlowLedger:

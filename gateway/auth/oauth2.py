@@ -35,7 +35,7 @@ from gateway.auth.oidc import (
 )
 from gateway.auth.provider import LoginStep
 from gateway.auth.refresh import InvalidAnswer, RefreshRejected, RefreshUnavailable
-from gateway.auth.return_to import local_return_to, with_error
+from gateway.auth.return_to import local_return_to, redirect, with_error
 from gateway.auth.tokens import tokens_from_answer
 from gateway.config import OAuth2Provider, SessionConfig, Timeouts
 from gateway.observability.logs import event
@@ -113,7 +113,7 @@ class OAuth2Login:
         }
         if flow.nonce is not None:
             params["nonce"] = flow.nonce
-        response = _redirect(_add_query(endpoints.authorize_url, params))
+        response = redirect(_add_query(endpoints.authorize_url, params))
         for name in self._flows.stale(request.headers):
             response.headers.add("Set-Cookie", self._flows.clear_named(name))
         response.headers.add("Set-Cookie", self._flows.set_cookie(flow))
@@ -165,7 +165,7 @@ class OAuth2Login:
             return self._failed(
                 return_to, "invalid_token_response", "error", state, "no Bearer access token"
             )
-        response = _redirect(return_to)
+        response = redirect(return_to)
         response.headers.add("Set-Cookie", self._flows.clear_cookie(state))
         return LoginStep(response, tokens, "success")
 
@@ -180,7 +180,7 @@ class OAuth2Login:
             bff_error=code,
             reason=reason,
         )
-        response = _redirect(with_error(return_to, code))
+        response = redirect(with_error(return_to, code))
         if state is not None:
             response.headers.add("Set-Cookie", self._flows.clear_cookie(state))
         return LoginStep(response, None, result)
@@ -210,9 +210,9 @@ class OAuth2Login:
         token_type = answer.get("token_type")
         if token_type is not None and str(token_type).lower() != "bearer":
             raise InvalidAnswer()
-        id_token = answer.get("id_token")
         if not config.oidc:
-            return Tokens(base.access_token, base.refresh_token, base.expires_at, base.claims)
+            return base
+        id_token = answer.get("id_token")
         if not isinstance(id_token, str) or not id_token:
             if nonce is not None:
                 raise InvalidIdToken("the token answer has no ID token")
@@ -346,7 +346,3 @@ def _add_query(url: str, params: dict[str, str]) -> str:
     parts = urlsplit(url)
     query = f"{parts.query}&{urlencode(params)}" if parts.query else urlencode(params)
     return urlunsplit(parts._replace(query=query))
-
-
-def _redirect(location: str) -> web.Response:
-    return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})

@@ -1,4 +1,4 @@
-"""Where a login or logout sends the browser back to: a local path, never elsewhere. Pure.
+"""Where a login or logout sends the browser back to: a local path, never elsewhere.
 
 ``return_to`` comes from the address bar, so anyone can write it: anything a
 browser could read as another origin becomes ``/``. Browsers treat ``\\`` as
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 from urllib.parse import quote, unquote
+
+from aiohttp import web
 
 MAX_LENGTH = 2048
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -48,3 +50,8 @@ def with_error(path: str, code: str) -> str:
     base, hash_mark, fragment = path.partition("#")
     joiner = "&" if "?" in base else "?"
     return f"{base}{joiner}bff_error={code}{hash_mark}{fragment}"
+
+
+def redirect(location: str) -> web.Response:
+    """The 302 of a login or logout step (never cached: it may set or clear cookies)."""
+    return web.Response(status=302, headers={"Location": location, "Cache-Control": "no-store"})

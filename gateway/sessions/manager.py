@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 
 from gateway.config import SessionConfig
 from gateway.headers import Headers
+from gateway.sessions.cookies import cookie_attributes, cookies_named, expired_cookie, name_base
 from gateway.sessions.model import Session
 from gateway.sessions.seal import KeyRing, assemble_cookie, chunk_cookie, cookie_names_for
 from gateway.sessions.stores import SessionStore
-
-_EXPIRED_DATE = "Thu, 01 Jan 1970 00:00:00 GMT"
 
 
 class Absent(enum.Enum):
@@ -55,12 +54,8 @@ class SessionManager:
         # Rewriting the cookie on every request only to move last_seen would
         # cost a seal and a Set-Cookie each time; do it at this granularity.
         self._touch_every = min(60.0, config.idle_timeout / 10)
-        prefix = f"__Host-{config.cookie_prefix}-" if config.secure else f"{config.cookie_prefix}-"
-        self._name_prefix = prefix
-        attributes = ["Path=/", "HttpOnly", f"SameSite={config.same_site}"]
-        if config.secure:
-            attributes.insert(1, "Secure")
-        self._attributes = "; ".join(attributes)
+        self._name_prefix = name_base(config.cookie_prefix, config.secure) + "-"
+        self._attributes = cookie_attributes(config.secure, config.same_site)
         # Told when a stored session is deleted (logout, a new login replacing
         # it): open WebSocket relays of that session close (gateway/websocket.py).
         self.on_forget: list[Callable[[SessionState], None]] = []
@@ -69,19 +64,8 @@ class SessionManager:
         return self._name_prefix + provider
 
     def read_cookies(self, headers: Headers) -> dict[str, str]:
-        """The gateway's own cookies from the Cookie header(s); first occurrence wins.
-
-        A plain split rather than a full RFC 6265 parse of every cookie: only
-        our names matter here, and our values never need quoting.
-        """
-        found: dict[str, str] = {}
-        prefix = self._name_prefix
-        for line in headers.getall("Cookie", ()):
-            for pair in line.split(";"):
-                name, _, value = pair.strip().partition("=")
-                if name.startswith(prefix) and name not in found:
-                    found[name] = value
-        return found
+        """The gateway's own session cookies from the Cookie header(s)."""
+        return cookies_named(headers, self._name_prefix)
 
     async def load(self, cookies: Mapping[str, str], provider: str, now: float) -> SessionState:
         """``cookies`` as returned by :meth:`read_cookies` (any mapping works)."""
@@ -101,7 +85,7 @@ class SessionManager:
             state.absent = Absent.INVALID
             return state
         state.handle = unsealed.plaintext
-        if now > self.ends_at(session) or now - session.last_seen > self._idle:
+        if self.expired(session, now):
             state.absent = Absent.EXPIRED
             return state
         state.session = session
@@ -156,5 +140,9 @@ class SessionManager:
         """When the absolute timeout ends the session."""
         return session.created_at + self._absolute
 
+    def expired(self, session: Session, now: float) -> bool:
+        """Ended by the idle or the absolute timeout."""
+        return now > self.ends_at(session) or now - session.last_seen > self._idle
+
     def _expire(self, name: str) -> str:
-        return f"{name}=; Max-Age=0; Expires={_EXPIRED_DATE}; {self._attributes}"
+        return expired_cookie(name, self._attributes)

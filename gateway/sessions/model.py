@@ -79,12 +79,12 @@ class Session:
         """Decode, or None for anything that is not a session of this format."""
         try:
             fields = json.loads(data)
-            fmt, provider, access, refresh, expires_at, created, seen, claims = fields[:8]
-            id_token = fields[8] if len(fields) == 9 else None
-        except (ValueError, TypeError, KeyError):
+        except (ValueError, TypeError):
             return None
         if not isinstance(fields, list) or len(fields) not in (8, 9):
             return None
+        fmt, provider, access, refresh, expires_at, created, seen, claims = fields[:8]
+        id_token = fields[8] if len(fields) == 9 else None
         valid = (
             fmt == _FORMAT
             and isinstance(provider, str)
