@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from gateway.auth.csrf import UNSAFE_METHODS, CsrfPolicy
 from gateway.auth.endpoints import AuthEndpoints
 from gateway.auth.registry import build_providers
-from gateway.auth.session_access import SessionAccess
+from gateway.auth.session_access import SessionAccess, bearer
 from gateway.client_origin import ClientOrigin
 from gateway.config import Config, Route
 from gateway.context import Context, Target
@@ -315,7 +315,7 @@ class Gateway:
             cookie_prefix=self.cookie_prefix,
             forward_cookies=target.forward_cookies,
             inject=upstream.inject_headers,
-            authorization=_bearer(state),
+            authorization=bearer(state),
         )
         headers["Host"] = upstream.host_header
         method = request.method
@@ -357,12 +357,6 @@ class Gateway:
             assert provider is not None and state is not None and sessions is not None
             session = await sessions.refresh(provider, state, ctx)
             headers["Authorization"] = f"Bearer {session.access_token}"  # for the replay
-
-
-def _bearer(state: SessionState | None) -> str | None:
-    if state is None or state.session is None:
-        return None
-    return f"Bearer {state.session.access_token}"
 
 
 def build_store(config: Config, keyring: KeyRing, redis: Redis | None) -> SessionStore:

@@ -49,7 +49,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.auth.csrf import CsrfPolicy
-from gateway.auth.session_access import SessionAccess
+from gateway.auth.session_access import SessionAccess, bearer
 from gateway.client_origin import ClientOrigin
 from gateway.config import Config, WebSocketSettings
 from gateway.context import Context, Target
@@ -485,7 +485,7 @@ class WebSockets:
             cookie_prefix=gateway.cookie_prefix,
             forward_cookies=target.forward_cookies,
             inject=upstream.inject_headers,
-            authorization=_bearer(state),
+            authorization=bearer(state),
         )
         protocols = _offered_protocols(request)
         timeouts = upstream.timeouts
@@ -634,12 +634,6 @@ def _offered_protocols(request: web.BaseRequest) -> list[str]:
         for token in line.split(",")
         if token.strip()
     ]
-
-
-def _bearer(state: SessionState | None) -> str | None:
-    if state is None or state.session is None:
-        return None
-    return f"Bearer {state.session.access_token}"
 
 
 def _handshake_refused(status: int) -> GatewayError:

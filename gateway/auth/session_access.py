@@ -17,6 +17,13 @@ from gateway.sessions.manager import Absent, SessionManager, SessionState
 from gateway.sessions.model import Session, Tokens
 
 
+def bearer(state: SessionState | None) -> str | None:
+    """The Authorization value for a request with this session, if it has one."""
+    if state is None or state.session is None:
+        return None
+    return f"Bearer {state.session.access_token}"
+
+
 def session_expired() -> GatewayError:
     return GatewayError(401, "session_expired", "the session has ended; log in again")
 
