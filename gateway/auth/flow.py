@@ -20,7 +20,7 @@ import json
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -48,8 +48,8 @@ def pkce_challenge(verifier: str) -> str:
 class Flow:
     provider: str
     state: str
-    verifier: str  # PKCE code_verifier
-    nonce: str | None  # OpenID Connect only
+    verifier: str = field(repr=False)  # PKCE code_verifier: a secret until the exchange
+    nonce: str | None = field(repr=False)  # OpenID Connect only
     return_to: str
     expires_at: float
 
