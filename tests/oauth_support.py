@@ -298,3 +298,10 @@ async def provider_revoke_access(
 async def until_expired(expires_at: float, margin: float = 0.3) -> None:
     """Wait out an access token's lifetime (the clock is the condition here)."""
     await asyncio.sleep(max(0.0, expires_at - time.time() + margin))
+
+
+async def until_session_expires(env: OidcEnv, early: float = 0.0) -> None:
+    """Wait until ``early`` seconds before the access token of ``env.browser``'s
+    session expires (the expiry the gateway's session endpoint tells)."""
+    session = (await env.browser.call("GET", "/auth/oidc/session")).json()
+    await until_expired(session["expires_at"] - early)
