@@ -256,6 +256,12 @@ async def start_login(browser: Browser, return_to: str = "/app") -> Reply:
     return reply
 
 
+async def login_state(browser: Browser, return_to: str = "/app") -> str:
+    """Start a login (as start_login) and return the state it sends to the provider."""
+    started = await start_login(browser, return_to)
+    return query_of(started.headers["Location"])["state"]
+
+
 async def oidc_login(
     env: OidcEnv, browser: Browser | None = None, sub: str = "alice", return_to: str = "/app"
 ) -> Reply:

@@ -18,6 +18,7 @@ from tests.oauth_support import (
     CLIENT_ID,
     authorize_at_provider,
     local,
+    login_state,
     oidc_env,
     oidc_login,
     oidc_provider,
@@ -223,8 +224,7 @@ async def test_the_user_denying_access_comes_back_with_bff_error(
 ) -> None:
     with oidc_provider(monkeypatch) as provider:
         async with oidc_env(provider) as env:
-            started = await start_login(env.browser, "/app")
-            state = query_of(started.headers["Location"])["state"]
+            state = await login_state(env.browser, "/app")
             # RFC 6749 §4.1.2.1: the error comes back with the state.
             callback = f"/auth/oidc/callback?error=access_denied&state={state}"
             done = await env.browser.call("GET", callback, follow=False)
