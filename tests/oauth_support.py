@@ -256,6 +256,12 @@ async def start_login(browser: Browser, return_to: str = "/app") -> Reply:
     return reply
 
 
+async def login_state(browser: Browser, return_to: str = "/app") -> str:
+    """Start a login (as start_login) and return the state it sends to the provider."""
+    started = await start_login(browser, return_to)
+    return query_of(started.headers["Location"])["state"]
+
+
 async def oidc_login(
     env: OidcEnv, browser: Browser | None = None, sub: str = "alice", return_to: str = "/app"
 ) -> Reply:
@@ -298,3 +304,10 @@ async def provider_revoke_access(
 async def until_expired(expires_at: float, margin: float = 0.3) -> None:
     """Wait out an access token's lifetime (the clock is the condition here)."""
     await asyncio.sleep(max(0.0, expires_at - time.time() + margin))
+
+
+async def until_session_expires(env: OidcEnv, early: float = 0.0) -> None:
+    """Wait until ``early`` seconds before the access token of ``env.browser``'s
+    session expires (the expiry the gateway's session endpoint tells)."""
+    session = (await env.browser.call("GET", "/auth/oidc/session")).json()
+    await until_expired(session["expires_at"] - early)

@@ -13,19 +13,29 @@ issued. A screenshot of the signed-in page is written to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from aiohttp import web
 
 from gateway.demo.api import STATS_KEY, DemoStats, create_demo_api
 from gateway.observability.logs import AccessRecord, JsonFormatter, TextFormatter
-from tests.support import REPO, TEST_KEY, config_dict, running_app, running_gateway
+from tests.support import (
+    REPO,
+    TEST_KEY,
+    RunningGateway,
+    config_dict,
+    running_app,
+    running_gateway,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -207,15 +217,13 @@ def chromium_path() -> Path:
     return CHROMIUM
 
 
-async def test_demo_login_refresh_and_no_token_in_browser(
-    chromium_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    from playwright.async_api import async_playwright, expect
-
-    caplog.set_level(logging.INFO, logger="bff")
-    stats = DemoStats()
-    api = create_demo_api(access_ttl=ACCESS_TTL, stats=stats)
-    assert api[STATS_KEY] is stats
+@contextlib.asynccontextmanager
+async def demo_in_chromium(
+    api: web.Application, chromium_path: Path
+) -> AsyncIterator[tuple[RunningGateway, Any]]:
+    """The demo API behind a gateway configured as the demo is, and a headless
+    Chromium (closed on the way out) to drive it."""
+    from playwright.async_api import async_playwright
 
     async with (
         running_app(api) as api_url,
@@ -224,117 +232,130 @@ async def test_demo_login_refresh_and_no_token_in_browser(
     ):
         browser = await pw.chromium.launch(executable_path=str(chromium_path), args=CHROMIUM_ARGS)
         try:
-            context = await browser.new_context(viewport=VIEWPORT, device_scale_factor=SCALE)
-            page = await context.new_page()
-            page.set_default_timeout(10_000)
-            recorder = BrowserRecorder()
-            recorder.attach(page)
-
-            # ---- sign in through the form
-            await page.goto(gw.url + "/")
-            await expect(page.locator("#login-form")).to_be_visible()
-            await page.fill("#username", "demo")
-            await page.fill("#password", "demo")
-            await page.click("#login-button")
-            logged_in_at = time.monotonic()
-            await expect(page.locator("#user-name")).to_have_text("Demo User")
-            await expect(page.locator("#items li.item")).to_have_count(5)
-            await expect(page.locator("#items li.item").first).to_contain_text("Apollo")
-            assert stats.logins == 1
-            first_expiry = await page.locator("#session-expires").get_attribute("data-expires-at")
-            assert first_expiry is not None, "the session panel shows the token expiry"
-
-            # ---- call the API across at least two token lifetimes
-            await page.check("#auto-call")
-            clicks = 0
-
-            async def refreshed_twice() -> bool:
-                lifetimes_passed = time.monotonic() - logged_in_at > LIFETIMES * ACCESS_TTL + 0.5
-                shown = await page.locator("#refresh-log li.refresh").count()
-                return lifetimes_passed and stats.refresh_calls >= LIFETIMES and shown >= LIFETIMES
-
-            async def one_call() -> None:
-                nonlocal clicks
-                before = int(await page.locator("#call-count").inner_text())
-                await page.click("#call-api")
-                clicks += 1
-                # The call is done when the counter moves (success) or failures move.
-                await page.wait_for_function(
-                    "([before]) => Number(document.getElementById('call-count').textContent)"
-                    " > before || Number(document.getElementById('fail-count').textContent) > 0",
-                    arg=[before],
-                )
-                await asyncio.sleep(0.4)  # pacing of the user's clicks, not synchronisation
-
-            await wait_until(refreshed_twice, 30, "two refreshes shown in the page", one_call)
-            await expect(page.locator("#sse-log li.event").first).to_be_visible()
-
-            # every call succeeded, the gateway refreshed (the browser never saw a 401)
-            assert await page.locator("#fail-count").inner_text() == "0"
-            call_count = int(await page.locator("#call-count").inner_text())
-            assert call_count >= clicks > 0
-            assert stats.refresh_calls >= LIFETIMES
-            assert stats.refresh_rejected == 0
-            assert await page.locator("#status").inner_text() == ""
-            last_expiry = await page.locator("#session-expires").get_attribute("data-expires-at")
-            assert last_expiry is not None
-            assert float(last_expiry) >= float(first_expiry) + (LIFETIMES - 1) * ACCESS_TTL
-
-            # what a script in the page can read
-            readable = await page.evaluate(
-                """() => {
-                    const dump = (s) => {
-                        const out = {};
-                        for (let i = 0; i < s.length; i += 1) out[s.key(i)] = s.getItem(s.key(i));
-                        return out;
-                    };
-                    return {
-                        cookie: document.cookie,
-                        local: dump(window.localStorage),
-                        session: dump(window.sessionStorage),
-                    };
-                }"""
-            )
-            storage_panel = await page.locator("#browser-storage").inner_text()
-            cookies = await context.cookies(gw.url)
-            session_cookies = [c for c in cookies if c["name"].startswith("bff-demo")]
-            assert session_cookies, [c["name"] for c in cookies]
-            for cookie in session_cookies:
-                assert cookie["httpOnly"] is True, cookie["name"]
-                assert cookie["sameSite"] == "Strict", cookie["name"]
-                assert cookie["name"] not in readable["cookie"]
-                assert cookie["name"] not in storage_panel
-            assert "(empty: the session cookie is HttpOnly)" in storage_panel
-
-            # an event stream read to its end, so that its body can be searched too
-            sse_text = await page.evaluate(
-                "fetch('/api/demo/events?count=3&interval=0.05').then(r => r.text())"
-            )
-            assert sse_text.count("data:") == 3
-            dom_html = await page.content()
-
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            await page.mouse.move(0, VIEWPORT["height"] - 1)  # no hover effect in the picture
-            await page.screenshot(path=str(SCREENSHOT), type="png", full_page=True)
-
-            # ---- log out: the API now wants a login
-            recorder.phase = "signed-out"
-            await page.click("#logout-button")
-            await expect(page.locator("#login-form")).to_be_visible()
-            await expect(page.locator("#user-name")).to_have_text("")
-            after = await page.evaluate(
-                "fetch('/api/demo/user')"
-                ".then(async r => ({status: r.status, body: await r.json()}))"
-            )
-            assert after["status"] == 401
-            assert after["body"]["error"] == "login_required"
-            assert isinstance(after["body"]["message"], str)
-            left = [c["name"] for c in await context.cookies(gw.url)]
-            assert not [n for n in left if n.startswith("bff-demo")], left
-
-            await recorder.settle()
+            yield gw, browser
         finally:
             await browser.close()
+
+
+async def test_demo_login_refresh_and_no_token_in_browser(
+    chromium_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from playwright.async_api import expect
+
+    caplog.set_level(logging.INFO, logger="bff")
+    stats = DemoStats()
+    api = create_demo_api(access_ttl=ACCESS_TTL, stats=stats)
+    assert api[STATS_KEY] is stats
+
+    async with demo_in_chromium(api, chromium_path) as (gw, browser):
+        context = await browser.new_context(viewport=VIEWPORT, device_scale_factor=SCALE)
+        page = await context.new_page()
+        page.set_default_timeout(10_000)
+        recorder = BrowserRecorder()
+        recorder.attach(page)
+
+        # ---- sign in through the form
+        await page.goto(gw.url + "/")
+        await expect(page.locator("#login-form")).to_be_visible()
+        await page.fill("#username", "demo")
+        await page.fill("#password", "demo")
+        await page.click("#login-button")
+        logged_in_at = time.monotonic()
+        await expect(page.locator("#user-name")).to_have_text("Demo User")
+        await expect(page.locator("#items li.item")).to_have_count(5)
+        await expect(page.locator("#items li.item").first).to_contain_text("Apollo")
+        assert stats.logins == 1
+        first_expiry = await page.locator("#session-expires").get_attribute("data-expires-at")
+        assert first_expiry is not None, "the session panel shows the token expiry"
+
+        # ---- call the API across at least two token lifetimes
+        await page.check("#auto-call")
+        clicks = 0
+
+        async def refreshed_twice() -> bool:
+            lifetimes_passed = time.monotonic() - logged_in_at > LIFETIMES * ACCESS_TTL + 0.5
+            shown = await page.locator("#refresh-log li.refresh").count()
+            return lifetimes_passed and stats.refresh_calls >= LIFETIMES and shown >= LIFETIMES
+
+        async def one_call() -> None:
+            nonlocal clicks
+            before = int(await page.locator("#call-count").inner_text())
+            await page.click("#call-api")
+            clicks += 1
+            # The call is done when the counter moves (success) or failures move.
+            await page.wait_for_function(
+                "([before]) => Number(document.getElementById('call-count').textContent)"
+                " > before || Number(document.getElementById('fail-count').textContent) > 0",
+                arg=[before],
+            )
+            await asyncio.sleep(0.4)  # pacing of the user's clicks, not synchronisation
+
+        await wait_until(refreshed_twice, 30, "two refreshes shown in the page", one_call)
+        await expect(page.locator("#sse-log li.event").first).to_be_visible()
+
+        # every call succeeded, the gateway refreshed (the browser never saw a 401)
+        assert await page.locator("#fail-count").inner_text() == "0"
+        call_count = int(await page.locator("#call-count").inner_text())
+        assert call_count >= clicks > 0
+        assert stats.refresh_calls >= LIFETIMES
+        assert stats.refresh_rejected == 0
+        assert await page.locator("#status").inner_text() == ""
+        last_expiry = await page.locator("#session-expires").get_attribute("data-expires-at")
+        assert last_expiry is not None
+        assert float(last_expiry) >= float(first_expiry) + (LIFETIMES - 1) * ACCESS_TTL
+
+        # what a script in the page can read
+        readable = await page.evaluate(
+            """() => {
+                const dump = (s) => {
+                    const out = {};
+                    for (let i = 0; i < s.length; i += 1) out[s.key(i)] = s.getItem(s.key(i));
+                    return out;
+                };
+                return {
+                    cookie: document.cookie,
+                    local: dump(window.localStorage),
+                    session: dump(window.sessionStorage),
+                };
+            }"""
+        )
+        storage_panel = await page.locator("#browser-storage").inner_text()
+        cookies = await context.cookies(gw.url)
+        session_cookies = [c for c in cookies if c["name"].startswith("bff-demo")]
+        assert session_cookies, [c["name"] for c in cookies]
+        for cookie in session_cookies:
+            assert cookie["httpOnly"] is True, cookie["name"]
+            assert cookie["sameSite"] == "Strict", cookie["name"]
+            assert cookie["name"] not in readable["cookie"]
+            assert cookie["name"] not in storage_panel
+        assert "(empty: the session cookie is HttpOnly)" in storage_panel
+
+        # an event stream read to its end, so that its body can be searched too
+        sse_text = await page.evaluate(
+            "fetch('/api/demo/events?count=3&interval=0.05').then(r => r.text())"
+        )
+        assert sse_text.count("data:") == 3
+        dom_html = await page.content()
+
+        SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+        await page.mouse.move(0, VIEWPORT["height"] - 1)  # no hover effect in the picture
+        await page.screenshot(path=str(SCREENSHOT), type="png", full_page=True)
+
+        # ---- log out: the API now wants a login
+        recorder.phase = "signed-out"
+        await page.click("#logout-button")
+        await expect(page.locator("#login-form")).to_be_visible()
+        await expect(page.locator("#user-name")).to_have_text("")
+        after = await page.evaluate(
+            "fetch('/api/demo/user').then(async r => ({status: r.status, body: await r.json()}))"
+        )
+        assert after["status"] == 401
+        assert after["body"]["error"] == "login_required"
+        assert isinstance(after["body"]["message"], str)
+        left = [c["name"] for c in await context.cookies(gw.url)]
+        assert not [n for n in left if n.startswith("bff-demo")], left
+
+        await recorder.settle()
 
     # ---- what the browser received and sent
     responses = recorder.responses

@@ -36,6 +36,7 @@ from tests.oauth_support import (
     ISSUED_TOKENS,
     authorize_at_provider,
     local,
+    login_state,
     oidc_env,
     oidc_provider,
     query_of,
@@ -365,8 +366,7 @@ async def test_a_reused_flow_cookie_is_refused_before_the_provider_sees_the_code
 
 async def test_an_expired_flow_is_refused() -> None:
     async with attack_env() as env:
-        started = await start_login(env.browser, "/home")
-        state = query_of(started.headers["Location"])["state"]
+        state = await login_state(env.browser, "/home")
         session = SessionConfig.model_validate({"secure": False, "keys": []})
         cookies = FlowCookies(session, KeyRing([("k1", decode_key(TEST_KEY))]))
         old = Flow("oidc", state, "v" * 64, "n", "/home", time.time() - 1)
@@ -418,8 +418,7 @@ async def test_a_replayed_code_is_refused_by_the_real_provider(
 )
 async def test_token_endpoint_failures_end_in_a_redirect(status: int, body: Any, code: str) -> None:
     async with attack_env() as env:
-        started = await start_login(env.browser, "/home")
-        state = query_of(started.headers["Location"])["state"]
+        state = await login_state(env.browser, "/home")
         env.idp.answer = lambda form: (status, body)
         reply = await env.browser.call(
             "GET", f"/auth/oidc/callback?code=x&state={state}", follow=False
@@ -446,8 +445,7 @@ async def test_an_unreachable_provider_ends_in_a_redirect() -> None:
         aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
     ):
         browser = Browser(http, gateway.url)
-        started = await start_login(browser, "/home")
-        state = query_of(started.headers["Location"])["state"]
+        state = await login_state(browser, "/home")
         reply = await browser.call("GET", f"/auth/oidc/callback?code=x&state={state}", follow=False)
         assert_failed(reply, "provider_unavailable")
         # Discovery that fails: the login itself comes back with the error.
@@ -648,8 +646,7 @@ async def test_a_token_answer_or_jwks_sent_in_parts_is_read_whole() -> None:
         )
         assert reply.headers["Location"] == "/home"
         # Over the limit (1 MiB) is still refused.
-        started = await start_login(env.browser, "/home")
-        state = query_of(started.headers["Location"])["state"]
+        state = await login_state(env.browser, "/home")
         env.idp.answer = lambda form: (200, {**answer, "extra": "x" * 1_100_000})
         reply = await env.browser.call(
             "GET", f"/auth/oidc/callback?code=c&state={state}", follow=False

@@ -18,6 +18,7 @@ from tests.oauth_support import (
     CLIENT_ID,
     authorize_at_provider,
     local,
+    login_state,
     oidc_env,
     oidc_login,
     oidc_provider,
@@ -25,7 +26,7 @@ from tests.oauth_support import (
     provider_revoke_access,
     query_of,
     start_login,
-    until_expired,
+    until_session_expires,
 )
 from tests.session_support import Browser, parse_set_cookie, unseal
 from tests.support import free_port, running_gateway
@@ -102,8 +103,7 @@ async def test_proactive_refresh_over_several_short_lifetimes(
             assert (await oidc_login(env)).status == 302
             calls = 0
             for lifetime in range(1, 4):
-                session = (await env.browser.call("GET", "/auth/oidc/session")).json()
-                await until_expired(session["expires_at"] - 1)
+                await until_session_expires(env, early=1)
                 answer = await env.browser.call("GET", f"/api/n{lifetime}")
                 calls += 1
                 assert answer.status == 200, answer.body
@@ -139,8 +139,7 @@ async def test_fifty_concurrent_expired_requests_cause_one_refresh_grant(
     with oidc_provider(monkeypatch, access_ttl=2) as provider:
         async with oidc_env(provider, refresh_skew=0) as env:
             assert (await oidc_login(env)).status == 302
-            session = (await env.browser.call("GET", "/auth/oidc/session")).json()
-            await until_expired(session["expires_at"])
+            await until_session_expires(env)
             jar = dict(env.browser.jar)
             answers = await asyncio.gather(
                 *(env.new_browser().call("GET", f"/api/c{i}", cookies=jar) for i in range(50))
@@ -157,8 +156,7 @@ async def test_rotating_refresh_tokens_are_followed(monkeypatch: pytest.MonkeyPa
         async with oidc_env(provider, refresh_skew=1) as env:
             assert (await oidc_login(env)).status == 302
             for _ in range(3):
-                session = (await env.browser.call("GET", "/auth/oidc/session")).json()
-                await until_expired(session["expires_at"] - 1)
+                await until_session_expires(env, early=1)
                 assert (await env.browser.call("GET", "/api/x")).status == 200
             first = provider.record.of("authorization_code")[0].answer["refresh_token"]
             grants = provider.record.of("refresh_token")
@@ -226,8 +224,7 @@ async def test_the_user_denying_access_comes_back_with_bff_error(
 ) -> None:
     with oidc_provider(monkeypatch) as provider:
         async with oidc_env(provider) as env:
-            started = await start_login(env.browser, "/app")
-            state = query_of(started.headers["Location"])["state"]
+            state = await login_state(env.browser, "/app")
             # RFC 6749 §4.1.2.1: the error comes back with the state.
             callback = f"/auth/oidc/callback?error=access_denied&state={state}"
             done = await env.browser.call("GET", callback, follow=False)
@@ -287,8 +284,7 @@ async def test_two_gateways_sharing_redis_send_one_refresh_grant(
             ) as other,
         ):
             assert (await oidc_login(env)).status == 302
-            state = (await env.browser.call("GET", "/auth/oidc/session")).json()
-            await until_expired(state["expires_at"])
+            await until_session_expires(env)
             jar = dict(env.browser.jar)
             second = Browser(env.http, other.url)
             answers = await asyncio.gather(

@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 
 from tests.leakcheck import REGISTRY
-from tests.oauth_support import query_of, start_login
+from tests.oauth_support import login_state, query_of, start_login
 from tests.session_support import Browser
 from tests.support import config_dict, running_app, running_gateway
 
@@ -147,8 +147,7 @@ async def test_without_a_refresh_token_a_refused_token_is_passed_on() -> None:
 
 async def test_an_error_in_a_200_form_answer_is_a_failed_exchange() -> None:
     async with github_env() as (_, browser, _admin):
-        started = await start_login(browser, "/x")
-        state = query_of(started.headers["Location"])["state"]
+        state = await login_state(browser, "/x")
         done = await browser.call(
             "GET", f"/auth/oidc/callback?code=wrong&state={state}", follow=False
         )
@@ -161,8 +160,7 @@ async def test_client_authentication_on_the_wire(method: str) -> None:
     if method == "none":
         over["client_secret"] = None
     async with github_env(**over) as (hub, browser, _):
-        started = await start_login(browser, "/")
-        state = query_of(started.headers["Location"])["state"]
+        state = await login_state(browser, "/")
         code = hub.grant_code("octocat")
         done = await browser.call(
             "GET", f"/auth/oidc/callback?code={code}&state={state}", follow=False

@@ -105,13 +105,7 @@ async def test_1000_idle_websockets_keep_the_gateways_memory_flat(
     gateway = ws_gateway
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as http:
-        async with http.post(
-            gateway.url + "/auth/demo/login",
-            json={"username": "demo", "password": "demo"},
-            headers={"X-CSRF": "1"},
-        ) as answer:
-            assert answer.status == 200
-            cookie = "; ".join(line.split(";")[0] for line in answer.headers.getall("Set-Cookie"))
+        cookie = await login_cookie(http, gateway)
         warm = await open_sockets(http, gateway, cookie, 20)  # code paths and pools warmed
         await round_trip(warm, "warm")
         await asyncio.gather(*(ws.close() for ws in warm))

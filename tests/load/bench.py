@@ -305,6 +305,21 @@ class Run:
     problems: list[str] = field(default_factory=list)
 
 
+def _loop_run(
+    procs: Processes, proc: subprocess.Popen[bytes], out: Path, timeout: float, what: str
+) -> Run:
+    """Wait for a client-loop child (bench_servers.py) and read the JSON line it prints."""
+    try:
+        code = proc.wait(timeout=timeout)
+    finally:
+        procs.stop(proc)
+    if code != 0:
+        raise RuntimeError(f"{what} failed: {_tail(out)}")
+    data = json.loads(out.read_text().strip().splitlines()[-1])
+    problems = [f"{data['errors']} errors"] if data["errors"] else []
+    return Run(data["requests"] / data["seconds"], problems=problems)
+
+
 @dataclass
 class Result:
     """A target's best run, with the others kept to show the spread."""
@@ -414,15 +429,7 @@ class ClientLoop:
         argv = [PYTHON, SERVERS, self.role, self.url, str(seconds), str(CONNECTIONS)]
         argv.append(str(max(warmup, 0.3)))  # its own fresh pool always needs a moment
         proc = procs.start("client", argv, cpu=TARGET_CPU, stdout=out)
-        try:
-            code = proc.wait(timeout=seconds + warmup + 30)
-        finally:
-            procs.stop(proc)
-        if code != 0:
-            raise RuntimeError(f"client loop failed: {_tail(out)}")
-        data = json.loads(out.read_text().strip().splitlines()[-1])
-        problems = [f"{data['errors']} errors"] if data["errors"] else []
-        return Run(data["requests"] / data["seconds"], problems=problems)
+        return _loop_run(procs, proc, out, seconds + warmup + 30, "client loop")
 
 
 @dataclass
@@ -443,15 +450,7 @@ class WsLoop:
         argv = [PYTHON, SERVERS, "ws-client", self.url, str(seconds), str(CONNECTIONS)]
         argv += [str(max(warmup, 0.3)), json.dumps(self.prepare())]
         proc = procs.start("ws-client", argv, cpu=other_cpu(self.server_cpu), stdout=out)
-        try:
-            code = proc.wait(timeout=seconds + warmup + 60)
-        finally:
-            procs.stop(proc)
-        if code != 0:
-            raise RuntimeError(f"WebSocket client loop failed: {_tail(out)}")
-        data = json.loads(out.read_text().strip().splitlines()[-1])
-        problems = [f"{data['errors']} errors"] if data["errors"] else []
-        return Run(data["requests"] / data["seconds"], problems=problems)
+        return _loop_run(procs, proc, out, seconds + warmup + 60, "WebSocket client loop")
 
 
 def ws_targets(upstream: str, gateway: str) -> list[WsLoop]:
@@ -1056,6 +1055,19 @@ def _on_signal(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def clean_up(procs: Processes, tmp: Path, keep: bool, kept: str) -> None:
+    """The end of a run (bench or soak), however it ends: every child stopped, the
+    temporary directory removed, or kept (``kept`` says what is in it) to show why."""
+    # A second Ctrl-C must not cut the cleanup short.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    procs.stop_all()
+    if keep:
+        print(f"{kept} kept in {tmp}", file=sys.stderr)
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def main() -> int:
     if shutil.which("wrk") is None and "--ws" not in sys.argv[1:]:
         print("bench: wrk is not installed (apt-get install wrk)", file=sys.stderr)
@@ -1120,14 +1132,7 @@ def main() -> int:
         keep = True  # the logs say why
         raise
     finally:
-        # A second Ctrl-C must not cut the cleanup short.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        procs.stop_all()
-        if keep:
-            print(f"bench: logs and configs kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        clean_up(procs, tmp, keep, "bench: logs and configs")
 
 
 if __name__ == "__main__":

@@ -180,6 +180,37 @@ def hello_server() -> web.Server:
 # -- client loop (C) ---------------------------------------------------------
 
 
+class Window:
+    """The measured window of a client loop: its workers count answers only between
+    the warm-up and the end; then they are told to stop and are awaited."""
+
+    def __init__(self) -> None:
+        self.counting = False
+        self.done = 0
+        self.errors = 0
+        self.stop = asyncio.Event()
+
+    def count(self, ok: bool) -> None:
+        if self.counting:
+            if ok:
+                self.done += 1
+            else:
+                self.errors += 1
+
+    async def measure(
+        self, tasks: list[asyncio.Task[None]], warmup: float, seconds: float
+    ) -> dict[str, Any]:
+        await asyncio.sleep(warmup)
+        self.counting = True
+        start = time.perf_counter()
+        await asyncio.sleep(seconds)
+        self.counting = False
+        elapsed = time.perf_counter() - start
+        self.stop.set()
+        await asyncio.gather(*tasks)
+        return {"requests": self.done, "errors": self.errors, "seconds": elapsed}
+
+
 async def client_loop(
     url: str, seconds: float, concurrency: int, warmup: float, gateway_client: bool = False
 ) -> dict[str, Any]:
@@ -197,10 +228,7 @@ async def client_loop(
     timeouts = CallTimeouts(connect=5, read=60, total=None)
     session = client_session()
     upstream = UpstreamClient()
-    counting = False
-    done = 0
-    errors = 0
-    stop = asyncio.Event()
+    window = Window()
 
     async def call() -> bool:
         if not gateway_client:
@@ -216,34 +244,21 @@ async def client_loop(
             answer.release()
 
     async def worker() -> None:
-        nonlocal done, errors
-        while not stop.is_set():
+        while not window.stop.is_set():
             try:
                 ok = await call()
             except (aiohttp.ClientError, OSError):
                 ok = False
-            if counting:
-                if ok:
-                    done += 1
-                else:
-                    errors += 1
+            window.count(ok)
 
     tasks = [asyncio.create_task(worker()) for _ in range(concurrency)]
     try:
-        await asyncio.sleep(warmup)
-        counting = True
-        start = time.perf_counter()
-        await asyncio.sleep(seconds)
-        counting = False
-        elapsed = time.perf_counter() - start
-        stop.set()
-        await asyncio.gather(*tasks)
+        return await window.measure(tasks, warmup, seconds)
     finally:
         for task in tasks:
             task.cancel()
         await session.close()
         await upstream.close()
-    return {"requests": done, "errors": errors, "seconds": elapsed}
 
 
 # -- WebSocket client loop (the w rows) ----------------------------------------
@@ -255,26 +270,18 @@ async def ws_client_loop(
     """``concurrency`` WebSockets, each sending a message and awaiting its echo in a
     loop; counts round trips (two relayed messages each) in the measured window."""
     session = aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar())
-    counting = False
-    done = 0
-    errors = 0
-    stop = asyncio.Event()
+    window = Window()
     payload = HELLO_BODY.decode()
 
     async def worker(ws: aiohttp.ClientWebSocketResponse) -> None:
-        nonlocal done, errors
-        while not stop.is_set():
+        while not window.stop.is_set():
             try:
                 await ws.send_str(payload)
                 message = await ws.receive()
                 ok = message.type is aiohttp.WSMsgType.TEXT and message.data == payload
             except (aiohttp.ClientError, OSError, RuntimeError):
                 ok = False
-            if counting:
-                if ok:
-                    done += 1
-                else:
-                    errors += 1
+            window.count(ok)
             if not ok:
                 return
 
@@ -283,21 +290,13 @@ async def ws_client_loop(
     ]
     tasks = [asyncio.create_task(worker(ws)) for ws in sockets]
     try:
-        await asyncio.sleep(warmup)
-        counting = True
-        start = time.perf_counter()
-        await asyncio.sleep(seconds)
-        counting = False
-        elapsed = time.perf_counter() - start
-        stop.set()
-        await asyncio.gather(*tasks)
+        return await window.measure(tasks, warmup, seconds)
     finally:
         for task in tasks:
             task.cancel()
         for ws in sockets:
             await ws.close()
         await session.close()
-    return {"requests": done, "errors": errors, "seconds": elapsed}
 
 
 # -- serving -----------------------------------------------------------------

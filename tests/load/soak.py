@@ -33,7 +33,6 @@ import asyncio
 import json
 import os
 import random
-import shutil
 import signal
 import socket
 import sys
@@ -53,7 +52,7 @@ for path in (REPO, HERE):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench import Processes, _on_signal, free_port, wait_http  # type: ignore[import-not-found]  # noqa: E402
+from bench import Processes, _on_signal, clean_up, free_port, wait_http  # type: ignore[import-not-found]  # noqa: E402
 from bench_servers import _run  # type: ignore[import-not-found]  # noqa: E402
 from soak_report import (  # type: ignore[import-not-found]  # noqa: E402
     growth_dicts,
@@ -421,13 +420,7 @@ def main(argv: list[str]) -> int:
         keep = True
         raise
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        procs.stop_all()
-        if keep:
-            print(f"soak: logs and config kept in {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
+        clean_up(procs, tmp, keep, "soak: logs and config")
 
 
 def _covered(scenario: str, tally: Tally) -> bool:
