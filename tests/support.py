@@ -8,7 +8,6 @@ import io
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -27,16 +26,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config import Config, load_config_text
 from gateway.observability.logs import JsonFormatter
 from gateway.server import Listeners, gateway_listeners
+from tests.ports import free_port
 
 TEST_KEY = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"  # 32 zero bytes, base64url
 TEST_KEY_2 = "AQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQEBAQE"  # 32 bytes of 0x01
 REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def config_dict(routes: list[dict[str, Any]], **sections: Any) -> dict[str, Any]:

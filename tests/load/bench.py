@@ -53,7 +53,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -76,6 +75,8 @@ if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
 from bench_servers import HELLO_BODY, TOKEN_SIZE, jwt_like  # type: ignore[import-not-found]  # noqa: E402
+
+from tests.ports import free_port  # noqa: E402
 
 PYTHON = sys.executable
 SERVERS = str(HERE / "bench_servers.py")
@@ -115,12 +116,6 @@ def other_cpu(cpu: int | None) -> int | None:
     if PIN is None or cpu is None:
         return None
     return PIN[1] if cpu == PIN[0] else PIN[0]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- processes -----------------------------------------------------------------

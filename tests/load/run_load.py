@@ -14,7 +14,6 @@ import csv
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,11 +29,9 @@ ACCESS_TTL = int(os.environ.get("LOAD_ACCESS_TTL", "10"))
 WORKERS = int(os.environ.get("LOAD_WORKERS", "1"))
 KEY = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from tests.ports import free_port  # noqa: E402
 
 
 def wait_for(url: str, timeout: float = 20) -> None:
