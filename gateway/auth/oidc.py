@@ -78,6 +78,9 @@ async def fetch_json(
         raise ProviderUnavailable(f"{url} did not answer JSON") from None
 
 
+_SCHEMES = ("https://", "http://")
+
+
 class Discovery:
     """The provider's endpoints: explicit config first, then OIDC discovery.
 
@@ -112,15 +115,16 @@ class Discovery:
                 # Everything needed is configured: go on without the optional
                 # endpoints (revocation, end session) this time.
 
+        # A document fetched over TLS may not send the code, the client's secret or
+        # the tokens anywhere in the clear: its endpoints must be https too. (An http
+        # issuer is the operator's own choice, on a trusted network or loopback.)
+        schemes = ("https://",) if (config.issuer or "").startswith("https://") else _SCHEMES
+
         def pick(explicit: str | None, key: str) -> str | None:
             if explicit is not None:
                 return explicit
             found = document.get(key)
-            return (
-                found
-                if isinstance(found, str) and found.startswith(("https://", "http://"))
-                else None
-            )
+            return found if isinstance(found, str) and found.startswith(schemes) else None
 
         authorize = pick(config.authorize_url, "authorization_endpoint")
         token = pick(config.token_url, "token_endpoint")
@@ -264,3 +268,20 @@ async def verify_id_token(
     if nonce is not None and claims.get("nonce") != nonce:
         raise InvalidIdToken("the ID token's nonce is not this login's")
     return claims
+
+
+def same_end_user(original: str | None, refreshed: str | None) -> bool:
+    """Whether a refreshed ID token names the end user of the login (OIDC Core §12.2).
+
+    ``refreshed`` passed verify_id_token (signature, iss, aud); ``original`` did at
+    login and has been kept server-side or sealed since, so neither signature is
+    checked again here. Without both tokens there is nothing to compare.
+    """
+    if original is None or refreshed is None or original == refreshed:
+        return True
+    try:
+        before = jwt.decode(original, options={"verify_signature": False})
+        after = jwt.decode(refreshed, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        return False
+    return before.get("iss") == after.get("iss") and before.get("sub") == after.get("sub")

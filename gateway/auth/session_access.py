@@ -4,15 +4,18 @@ endpoints, whatever the provider's type."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.auth.oidc import same_end_user
 from gateway.auth.provider import ProviderRuntime
 from gateway.auth.refresh import InvalidAnswer, RefreshRejected, RefreshUnavailable
 from gateway.context import Context
 from gateway.errors import GatewayError
+from gateway.observability.logs import event
 from gateway.sessions.manager import Absent, SessionManager, SessionState
 from gateway.sessions.model import Session, Tokens
 
@@ -97,6 +100,16 @@ class SessionAccess:
             raise GatewayError(
                 502, "upstream_invalid_response", "the token service answered without a token"
             ) from None
+        if not same_end_user(state.session.id_token, tokens.id_token):
+            # The provider now vouches for someone else: neither identity can be trusted.
+            event(
+                "refresh refused",
+                logging.WARNING,
+                provider=provider.name,
+                reason="the refreshed ID token names another end user",
+            )
+            await self.manager.clear(state)
+            raise session_expired()
         ctx.refreshed = True
         session = state.session.with_tokens(tokens, time.time())
         self.manager.replace(state, session)

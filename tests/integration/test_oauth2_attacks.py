@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -22,13 +23,14 @@ from typing import Any
 import aiohttp
 import jwt
 import pytest
+import trustme
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from gateway.auth import oauth2, oidc
 from gateway.auth.flow import Flow, FlowCookies
-from gateway.config import SessionConfig
+from gateway.config import OAuth2Provider, SessionConfig
 from gateway.sessions.seal import KeyRing, decode_key
 from tests.integration.test_redis import RedisServer, redis_server  # noqa: F401 - a fixture
 from tests.leakcheck import REGISTRY
@@ -48,6 +50,7 @@ from tests.support import (
     TEST_KEY,
     captured_json_logs,
     config_dict,
+    error_of,
     free_port,
     running_app,
     running_gateway,
@@ -150,7 +153,7 @@ class Env:
 
 
 @contextlib.asynccontextmanager
-async def attack_env(**over: Any) -> AsyncIterator[Env]:
+async def attack_env(routes: list[dict[str, Any]] | None = None, **over: Any) -> AsyncIterator[Env]:
     async with fake_idp() as idp:
         provider = {
             "type": "oauth2",
@@ -159,7 +162,7 @@ async def attack_env(**over: Any) -> AsyncIterator[Env]:
             "client_secret": "attack-secret",
             **over,
         }
-        data = config_dict([], providers={"oidc": provider})
+        data = config_dict(routes or [], providers={"oidc": provider})
         async with (
             running_gateway(data) as gateway,
             aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http,
@@ -167,11 +170,13 @@ async def attack_env(**over: Any) -> AsyncIterator[Env]:
             yield Env(idp, Browser(http, gateway.url), http, gateway.url)
 
 
-def token_answer(id_token: str | None, access: str = "at-0123456789") -> dict[str, Any]:
+def token_answer(
+    id_token: str | None, access: str = "at-0123456789", **more: Any
+) -> dict[str, Any]:
     answer: dict[str, Any] = {"access_token": access, "token_type": "Bearer", "expires_in": 300}
     if id_token is not None:
         answer["id_token"] = id_token
-    return answer
+    return {**answer, **more}
 
 
 async def login_with(env: Env, make_id_token: Callable[[str], str | None]) -> Reply:
@@ -715,6 +720,47 @@ async def test_a_discovery_document_of_another_issuer_is_refused() -> None:
         assert login.set_cookies == []
 
 
+async def test_discovery_over_https_takes_no_plain_http_endpoint(ca: trustme.CA) -> None:
+    # A document fetched over TLS naming an http:// token endpoint would have the code
+    # and the client's secret, then the tokens, cross the network in the clear.
+    document: dict[str, str] = {}
+
+    async def discovery(request: web.Request) -> web.Response:
+        return web.json_response(document)
+
+    app = web.Application()
+    app.router.add_get("/.well-known/openid-configuration", discovery)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(served)
+    trusting = ssl.create_default_context()
+    ca.configure_trust(trusting)
+    async with (
+        running_app(app, ssl_context=served) as issuer,
+        aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=trusting)) as client,
+    ):
+        plain = issuer.replace("https://", "http://")
+        document.update(
+            issuer=issuer,
+            authorization_endpoint=f"{issuer}/authorize",
+            token_endpoint=f"{plain}/token",
+            jwks_uri=f"{plain}/jwks",
+            revocation_endpoint=f"{plain}/revoke",
+            end_session_endpoint=f"{issuer}/logout",
+        )
+        config = OAuth2Provider(type="oauth2", issuer=issuer, client_id=CLIENT)
+        found = oidc.Discovery(config, client, aiohttp.ClientTimeout(total=5))
+        with pytest.raises(oidc.ProviderUnavailable, match="no authorization or token"):
+            await found.endpoints()
+        document["token_endpoint"] = f"{issuer}/token"
+        found.forget()
+        endpoints = await found.endpoints()
+        assert (endpoints.token_url, endpoints.end_session_url) == (
+            f"{issuer}/token",
+            f"{issuer}/logout",
+        )
+        assert endpoints.jwks_url is None and endpoints.revocation_url is None
+
+
 async def test_a_flow_started_for_one_provider_is_refused_by_anothers_callback() -> None:
     # Two providers at one authorization server (say two client ids of different
     # rights): a flow and code of one must not log in to the other.
@@ -799,3 +845,56 @@ async def test_a_new_login_replaces_a_session_cookie_the_callback_did_not_see() 
         assert "bff-oidc.0" in env.browser.jar  # the new session is chunked
         session = (await env.browser.call("GET", "/auth/oidc/session")).json()
         assert session["claims"]["sub"] == "bob"
+
+
+# -- refresh ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("refreshed_sub", ["alice", "bob"])
+async def test_a_refreshed_id_token_must_name_the_same_end_user(refreshed_sub: str) -> None:
+    # OIDC Core §12.2: a refresh answer's ID token must have the login's iss and sub. One
+    # naming someone else (a confused or compromised provider, a refresh token of another
+    # session) ends the session: the request is refused and its token never sent.
+    seen: list[str] = []
+
+    async def api(request: web.Request) -> web.Response:
+        seen.append(request.headers["Authorization"])
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_get("/me", api)
+    async with running_app(app) as upstream:
+        routes = [{"path": "/api/", "upstream": f"{upstream}/", "auth": "oidc"}]
+        async with attack_env(routes) as env:
+            start = await start_login(env.browser, "/home")
+            nonce, state = (query_of(start.headers["Location"])[k] for k in ("nonce", "state"))
+            login = token_answer(
+                rs256(env.idp.claims(nonce, sub="alice")),
+                "at-login-0001",
+                expires_in=1,
+                refresh_token="rt-login-0001",
+            )
+            refreshed_claims = env.idp.claims("", sub=refreshed_sub)
+            del refreshed_claims["nonce"]  # a refreshed ID token carries none (§12.2)
+            refreshed = token_answer(rs256(refreshed_claims), "at-refreshed-01")
+            env.idp.answer = lambda form: (
+                200,
+                login if form["grant_type"] == "authorization_code" else refreshed,
+            )
+            callback = await env.browser.call(
+                "GET", f"/auth/oidc/callback?code=c0de&state={state}", follow=False
+            )
+            assert callback.headers["Location"] == "/home"
+            # The access token is within refresh_skew of its expiry: this call refreshes.
+            reply = await env.browser.call("GET", "/api/me")
+            grants = [call["grant_type"] for call in env.idp.token_calls]
+            assert grants == ["authorization_code", "refresh_token"]
+            if refreshed_sub == "alice":
+                assert reply.status == 200
+                assert seen == ["Bearer at-refreshed-01"]
+            else:
+                assert reply.status == 401 and error_of(reply.body) == "session_expired"
+                assert seen == []
+                assert "bff-oidc" not in env.browser.jar  # the session cookie is cleared
+                again = await env.browser.call("GET", "/api/me")
+                assert again.status == 401 and error_of(again.body) == "login_required"

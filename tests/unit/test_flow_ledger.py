@@ -2,7 +2,8 @@
 
 Anyone can start logins and bring them to the callback (GET /auth/P/login, then
 /auth/P/callback?error=...), so the list can hold every flow of the last ten
-minutes; keeping it must not cost more per callback as it grows.
+minutes; keeping it must not cost more per callback as it grows, nor more
+memory than its bound.
 """
 
 from __future__ import annotations
@@ -62,3 +63,16 @@ async def test_the_work_per_callback_does_not_grow_with_the_flows_remembered() -
         assert await ledger.first_use(each) is True
     # A few comparisons per callback, not one per remembered flow (4.5 million here).
     assert CountedTime.compared < 5 * len(flows)
+
+
+async def test_the_list_is_bounded_and_forgets_the_oldest_first() -> None:
+    ledger = FlowLedger(None, kept=100)
+    flows = [flow() for _ in range(250)]
+    for each in flows:
+        assert await ledger.first_use(each) is True
+    assert len(ledger) == 100
+    # The newest hundred are still refused a second time; the oldest were forgotten.
+    for each in flows[150:]:
+        assert await ledger.first_use(each) is False
+    assert await ledger.first_use(flows[0]) is True
+    assert len(ledger) == 100
