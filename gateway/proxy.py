@@ -215,6 +215,17 @@ def client_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
     )
 
 
+# Seconds a logout waits for the provider to revoke its tokens. Revocation is best
+# effort (RFC 7009 §2.2), and the logout answer, with the expired cookies, waits for
+# it: a slow provider must not hold it (a browser that gives up keeps its cookie).
+REVOKE_TIMEOUT = 5.0
+
+
+def revoke_timeout(timeouts: Timeouts) -> aiohttp.ClientTimeout:
+    total = REVOKE_TIMEOUT if timeouts.total is None else min(REVOKE_TIMEOUT, timeouts.total)
+    return aiohttp.ClientTimeout(total=total, sock_connect=timeouts.connect)
+
+
 def client_session(connections: int = 1024) -> aiohttp.ClientSession:
     """The one pooled upstream client of a process (DESIGN.md: aiohttp facts)."""
     connector = aiohttp.TCPConnector(limit=connections, limit_per_host=0, ttl_dns_cache=60)

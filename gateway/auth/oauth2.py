@@ -39,12 +39,11 @@ from gateway.auth.return_to import local_return_to, redirect, with_error
 from gateway.auth.tokens import tokens_from_answer
 from gateway.config import OAuth2Provider, SessionConfig, Timeouts
 from gateway.observability.logs import event
-from gateway.proxy import client_timeout
+from gateway.proxy import client_timeout, revoke_timeout
 from gateway.sessions.model import Session, Tokens
 from gateway.sessions.seal import KeyRing
 
 _ANSWER_LIMIT = 1024 * 1024
-REVOKE_TIMEOUT = 5.0  # seconds; revocation is best effort (RFC 7009 §2.2)
 
 
 class TokenRejected(Exception):
@@ -71,11 +70,7 @@ class OAuth2Login:
         self.config = config
         self._client = client
         self._timeout = client_timeout(timeouts)
-        # The logout answer, and with it the expired cookies, waits for revocation: a
-        # slow provider must not hold it (a browser that gives up keeps its cookie).
-        self._revoke_timeout = aiohttp.ClientTimeout(
-            total=REVOKE_TIMEOUT, sock_connect=self._timeout.sock_connect
-        )
+        self._revoke_timeout = revoke_timeout(timeouts)
         self._discovery = Discovery(config, client, self._timeout)
         self._keys = KeySet(client, self._timeout)
         self._flows = FlowCookies(session, keyring)

@@ -14,7 +14,7 @@ from gateway.auth.refresh import InvalidAnswer, RefreshRejected, RefreshUnavaila
 from gateway.auth.tokens import scrub, tokens_from_answer
 from gateway.config import PasswordProvider, Timeouts
 from gateway.errors import GatewayError, json_response
-from gateway.proxy import client_timeout
+from gateway.proxy import client_timeout, revoke_timeout
 from gateway.sessions.model import Session, Tokens
 
 LOGIN_BODY_LIMIT = 64 * 1024
@@ -44,6 +44,7 @@ class PasswordLogin:
         self.config = config
         self._client = client
         self._timeout = client_timeout(timeouts)
+        self._revoke_timeout = revoke_timeout(timeouts)
 
     @property
     def can_refresh(self) -> bool:
@@ -172,7 +173,7 @@ class PasswordLogin:
                     "Authorization": f"Bearer {access_token}",
                     "Content-Type": "application/json",
                 },
-                timeout=self._timeout,
+                timeout=self._revoke_timeout,
                 allow_redirects=False,
             ) as response:
                 await response.read()

@@ -28,7 +28,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from gateway.auth import oauth2, oidc
+from gateway import proxy
+from gateway.auth import oidc
 from gateway.auth.flow import Flow, FlowCookies
 from gateway.config import OAuth2Provider, SessionConfig
 from gateway.sessions.seal import KeyRing, decode_key
@@ -576,7 +577,7 @@ async def test_a_provider_slow_to_revoke_does_not_hold_the_logout(
 ) -> None:
     # Revocation is best effort: past its own short limit (5 s; 0.3 here) the logout
     # answers and expires the cookies, where the read timeout (60 s) would hold it.
-    monkeypatch.setattr(oauth2, "REVOKE_TIMEOUT", 0.3)
+    monkeypatch.setattr(proxy, "REVOKE_TIMEOUT", 0.3)
     async with attack_env() as env:
         env.idp.discovery_over["revocation_endpoint"] = f"{env.idp.url}/revoke"
         assert (await login_with(env, lambda n: rs256(env.idp.claims(n)))).status == 302

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from gateway import proxy
 from gateway.demo.api import USERS, decode_jwt
 from gateway.sessions.model import Session
 from tests.session_support import (
@@ -351,6 +352,36 @@ async def test_logout_url_is_called_and_replayed_cookie_ends_the_session() -> No
         assert replay.error == "session_expired"
         assert env.stats.refresh_rejected == 1
         assert [parse_set_cookie(c)[:2] for c in replay.set_cookies] == [("bff-demo", "")]
+
+
+async def test_a_logout_url_slow_to_answer_does_not_hold_the_logout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Telling the provider is best effort: past its own short limit (5 s; 0.3 here)
+    # the logout answers and expires the cookie, where the route's read timeout
+    # (60 s) would hold it and a browser that gives up would keep its cookie.
+    monkeypatch.setattr(proxy, "REVOKE_TIMEOUT", 0.3)
+    asked = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_logout(request: web.Request) -> web.Response:
+        asked.set()
+        await release.wait()
+        return web.Response(status=204)
+
+    def providers(upstream: str) -> dict[str, Any]:
+        return {"demo": demo_provider(upstream, logout_url=f"{upstream}/slow-logout")}
+
+    def setup(app: web.Application) -> None:
+        app.router.add_post("/slow-logout", slow_logout)
+
+    async with demo_env(providers=providers, setup=setup) as env:
+        await login(env.browser)
+        reply = await asyncio.wait_for(env.browser.call("POST", "/auth/demo/logout"), 20)
+        assert reply.status == 204 and asked.is_set()
+        assert [parse_set_cookie(c)[:2] for c in reply.set_cookies] == [("bff-demo", "")]
+        assert (await env.browser.call("GET", "/api/user")).error == "login_required"
+        release.set()
 
 
 async def test_logout_of_all_providers_clears_every_cookie() -> None:
