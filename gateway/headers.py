@@ -1,4 +1,4 @@
-"""Header rewriting in both directions (SPEC §4.1, §4.2). Pure.
+"""Header rewriting in both directions (SPEC §4.1, §4.2).
 
 RFC 9110 §7.6.1: a proxy removes the hop-by-hop headers and every header the
 ``Connection`` header names. The gateway applies that rule to what the client
@@ -15,7 +15,20 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.web import StreamResponse
 from multidict import CIMultiDict, CIMultiDictProxy
+
+# The Server header of the gateway's own answers (and of an upstream's that has
+# none): no product versions, where aiohttp's default names aiohttp's and Python's.
+SERVER = "bff-gateway"
+
+
+def name_the_server(response: StreamResponse) -> None:
+    """Replace the Server header aiohttp adds to a response that has none."""
+    if response.headers.get("Server") == SERVER_SOFTWARE:
+        response.headers["Server"] = SERVER
+
 
 HOP_BY_HOP = frozenset(
     {

@@ -15,6 +15,11 @@ first request, and from the first byte of each later one (the idle time
 before it is ``keepalive_timeout``'s). A late head gets 408 and the
 connection is closed. ``max_connections`` caps open connections per worker:
 one past it is closed as soon as it is accepted, before any parsing.
+
+aiohttp names itself and Python, with their versions, in the ``Server`` header
+of every response it makes; the gateway says only ``bff-gateway`` (as nginx's
+``server_tokens off``), so its answers tell nobody which releases to attack.
+An upstream's own ``Server`` header is passed on as it was sent.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import RawRequestMessage
 
 from gateway.errors import GatewayError, error_response
+from gateway.headers import name_the_server
 from gateway.observability.metrics import Metrics
 
 
@@ -45,6 +51,13 @@ _SPOKEN = (HttpVersion10, HttpVersion11)
 _HEAD_TIMEOUT_RESPONSE = _raw_error(
     408, "Request Timeout", "request_timeout", "the request head did not arrive in time"
 )
+
+
+class _EdgeRequest(web.BaseRequest):
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        # Every response passes here once its headers are final, just before they
+        # are written; aiohttp has filled in its own Server header by then.
+        name_the_server(response)
 
 
 class _EdgeHandler(web_protocol.RequestHandler):
@@ -160,7 +173,7 @@ class PublicServer(web.Server):
             # The parser hands every later byte to a CONNECT as its tunnel: never
             # read another request on this connection (the gateway refuses it).
             message = message._replace(should_close=True)
-        return super()._make_request(message, payload, protocol, writer, task)
+        return _EdgeRequest(message, payload, protocol, writer, task, self._loop)
 
     def __call__(self) -> web_protocol.RequestHandler:
         kwargs: dict[str, Any] = self._kwargs

@@ -9,6 +9,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.errors import GatewayError, error_response, json_response, method_not_allowed
+from gateway.headers import name_the_server
 
 ReadyCheck = Callable[[], Awaitable[bool]]
 Exposition = Callable[[], bytes]
@@ -80,7 +81,11 @@ def admin_app(health: Health, exposition: Exposition) -> web.Application:
         response.headers["Cache-Control"] = "no-store"
         return response
 
+    async def on_response_prepare(_: web.Request, response: web.StreamResponse) -> None:
+        name_the_server(response)
+
     app = web.Application(middlewares=[_json_errors])
+    app.on_response_prepare.append(on_response_prepare)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
