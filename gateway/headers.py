@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from aiohttp import hdrs
 from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.web import StreamResponse
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -25,9 +26,14 @@ SERVER = "bff-gateway"
 
 
 def name_the_server(response: StreamResponse) -> None:
-    """Replace the Server header aiohttp adds to a response that has none."""
-    if response.headers.get("Server") == SERVER_SOFTWARE:
-        response.headers["Server"] = SERVER
+    """Replace the Server header aiohttp added to a response that had none.
+
+    By identity: aiohttp's default is its own string object, so an upstream's
+    Server header (read off the wire) is never taken for it, even when equal.
+    """
+    headers = response.headers
+    if headers.get(hdrs.SERVER) is SERVER_SOFTWARE:
+        headers[hdrs.SERVER] = SERVER
 
 
 HOP_BY_HOP = frozenset(
