@@ -88,6 +88,14 @@ class RefreshCoordinator:
         # other requests of the session are waiting for.
         return await asyncio.shield(task)
 
+    def remembered(self, refresh_token: str, stale_access: str) -> Tokens | None:
+        """What a refresh of ``refresh_token`` gave within the grace period, if it
+        is newer than ``stale_access`` (the access token the caller holds)."""
+        recent = self._recent.get(token_digest(refresh_token))
+        if recent is None or recent[0] <= time.monotonic():
+            return None
+        return recent[1] if recent[1].access_token != stale_access else None
+
     async def _flight(self, key: str, refresh_token: str, stale_access: str) -> Tokens:
         try:
             tokens = await self._provider.refresh(refresh_token, stale_access)

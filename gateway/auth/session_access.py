@@ -12,7 +12,12 @@ from multidict import CIMultiDict
 
 from gateway.auth.oidc import same_end_user
 from gateway.auth.provider import ProviderRuntime
-from gateway.auth.refresh import InvalidAnswer, RefreshRejected, RefreshUnavailable
+from gateway.auth.refresh import (
+    InvalidAnswer,
+    RefreshCoordinator,
+    RefreshRejected,
+    RefreshUnavailable,
+)
 from gateway.context import Context
 from gateway.errors import GatewayError
 from gateway.observability.logs import event
@@ -34,6 +39,9 @@ def session_expired() -> GatewayError:
 class SessionAccess:
     def __init__(self, manager: SessionManager) -> None:
         self.manager = manager
+        # Each provider's single-flight refresh, by name (learned as requests use
+        # them): what add_cookies asks whether a session was refreshed meanwhile.
+        self._coordinators: dict[str, RefreshCoordinator] = {}
 
     async def load(
         self, request: web.BaseRequest, provider: ProviderRuntime, ctx: Context
@@ -44,6 +52,7 @@ class SessionAccess:
             manager.read_cookies(request.headers), provider.name, time.time()
         )
         ctx.states.append(state)
+        self._coordinators[provider.name] = provider.coordinator
         return state
 
     async def require(
@@ -56,6 +65,7 @@ class SessionAccess:
         now = time.time()
         state = await manager.load(manager.read_cookies(request.headers), provider.name, now)
         ctx.states.append(state)
+        self._coordinators[provider.name] = provider.coordinator
         if state.session is None:
             if state.absent is not Absent.NONE:
                 await self.manager.clear(state)
@@ -113,6 +123,7 @@ class SessionAccess:
         ctx.refreshed = True
         session = state.session.with_tokens(tokens, time.time())
         self.manager.replace(state, session)
+        await self.manager.persist(state)
         return session
 
     async def start(
@@ -142,5 +153,23 @@ class SessionAccess:
         """Save what changed in this request's sessions; add their Set-Cookie lines."""
         for state in ctx.states:
             if state.dirty or state.cleared:
+                self._catch_up(state)
                 for line in await self.manager.commit(state):
                     headers.add("Set-Cookie", line)
+
+    def _catch_up(self, state: SessionState) -> None:
+        """A session this request only touched, but which another request refreshed
+        meanwhile (this one began first and took longer), is written with the new
+        tokens: its own copy holds a refresh token the provider may have spent.
+        With the cookie store this is the only guard (the browser keeps whichever
+        cookie came last), and it holds for ``refresh_grace``; server-side stores
+        also refuse to write a touched session over a newer one (stores.py)."""
+        session = state.session
+        if state.loaded is None or session is None or session.refresh_token is None:
+            return
+        coordinator = self._coordinators.get(session.provider)
+        if coordinator is None:
+            return
+        newer = coordinator.remembered(session.refresh_token, session.access_token)
+        if newer is not None:
+            self.manager.replace(state, session.with_tokens(newer, session.last_seen))

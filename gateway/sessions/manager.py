@@ -17,7 +17,7 @@ from gateway.headers import Headers
 from gateway.sessions.cookies import cookie_attributes, cookies_named, expired_cookie, name_base
 from gateway.sessions.model import Session
 from gateway.sessions.seal import KeyRing, assemble_cookie, chunk_cookie, cookie_names_for
-from gateway.sessions.stores import SessionStore
+from gateway.sessions.stores import SessionStore, StoreUnavailable
 
 
 class Absent(enum.Enum):
@@ -38,6 +38,11 @@ class SessionState:
     absent: Absent | None = None
     dirty: bool = False  # the cookie must be written on this response
     cleared: bool = False  # every chunk of the cookie must be expired on this response
+    # The session as the store held it when this request read it; None once the
+    # request replaced it (a login, a refresh). While set, the request has only
+    # touched or re-sealed it, and saves it only over that same session.
+    loaded: Session | None = field(default=None, repr=False)
+    stored: bool = False  # ``session`` is in the store already: commit writes the cookie only
 
 
 class SessionManager:
@@ -85,6 +90,7 @@ class SessionManager:
             state.absent = Absent.INVALID
             return state
         state.handle = unsealed.plaintext
+        state.loaded = session
         if self.expired(session, now):
             state.absent = Absent.EXPIRED
             return state
@@ -100,6 +106,24 @@ class SessionManager:
         state.session = session
         state.absent = None
         state.dirty = True
+        state.loaded = None
+        state.stored = False
+
+    async def persist(self, state: SessionState) -> None:
+        """Save a replaced session now rather than with the response.
+
+        A refresh must be in the store before the request that made it ends
+        (a long poll, a slow upload): a request that reads the session meanwhile
+        would otherwise find the old refresh token, which the provider may have
+        spent. If the store fails, the response's commit tries again.
+        """
+        if state.session is None:
+            return
+        try:
+            state.handle = await self.store.save(state.session, state.handle)
+        except StoreUnavailable:
+            return
+        state.stored = True
 
     async def commit(self, state: SessionState) -> list[str]:
         """Persist a changed session and return the Set-Cookie lines for this response."""
@@ -107,8 +131,10 @@ class SessionManager:
             return [self._expire(n) for n in state.present or [state.cookie_name]]
         if state.session is None or not state.dirty:
             return []
-        handle = await self.store.save(state.session, state.handle)
-        state.handle = handle
+        if not state.stored:
+            state.handle = await self.store.save(state.session, state.handle, state.loaded)
+        handle = state.handle
+        assert handle is not None
         value = self._keyring.seal(handle, state.cookie_name)
         max_age = max(0, int(self.ends_at(state.session) - state.session.last_seen))
         chunks = chunk_cookie(state.cookie_name, value)

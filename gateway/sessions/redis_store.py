@@ -9,16 +9,18 @@ The seal's associated data names the entry's key, so a sealed value copied
 onto another session's key (by someone who can write to Redis but has no
 session key) does not unseal. An existing session is only ever updated in
 place (``SET XX``): a request that finishes after a logout on another replica
-cannot write the deleted session back.
+cannot write the deleted session back, and a request that only touched its
+session writes it only if the entry is still what it read (WATCH/MULTI).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, WatchError
 
 from gateway.sessions.model import Session
 from gateway.sessions.seal import KeyRing
@@ -71,7 +73,9 @@ class RedisStore:
         plaintext = unseal_from_key(self._keyring, value, _SEAL_NAME, key)
         return Session.from_bytes(plaintext) if plaintext is not None else None
 
-    async def save(self, session: Session, handle: bytes | None) -> bytes:
+    async def save(
+        self, session: Session, handle: bytes | None, expected: Session | None = None
+    ) -> bytes:
         existing = handle is not None
         handle = handle or new_session_id()
         key = self._key(handle)
@@ -79,12 +83,36 @@ class RedisStore:
         ttl_ms = max(1, int(min(self._idle, remaining) * 1000))
         sealed = seal_for_key(self._keyring, session.to_bytes(), _SEAL_NAME, key)
         try:
-            # XX: a session deleted meanwhile (logout, expiry) stays deleted; the
-            # cookie written with this answer then names nothing (401 next time).
-            await self._redis.set(key, sealed, px=ttl_ms, xx=existing)
+            if expected is not None:
+                await self._save_if_unchanged(key, sealed, ttl_ms, expected)
+            else:
+                # XX: a session deleted meanwhile (logout, expiry) stays deleted; the
+                # cookie written with this answer then names nothing (401 next time).
+                await self._redis.set(key, sealed, px=ttl_ms, xx=existing)
         except RedisError as exc:
             raise StoreUnavailable(type(exc).__name__) from None
         return handle
+
+    async def _save_if_unchanged(
+        self, key: str, sealed: str, ttl_ms: int, expected: Session
+    ) -> None:
+        # Optimistic: WATCH the entry, compare it with what the request read, then
+        # write in MULTI/EXEC, which Redis refuses if the entry changed after WATCH.
+        # Seals are randomised, so the comparison is of the unsealed sessions.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            await pipe.watch(key)
+            value = await pipe.get(key)
+            plaintext = (
+                unseal_from_key(self._keyring, value, _SEAL_NAME, key)
+                if value is not None
+                else None
+            )
+            if plaintext is None or Session.from_bytes(plaintext) != expected:
+                return  # deleted, or saved by another request meanwhile: that one stands
+            pipe.multi()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            pipe.set(key, sealed, px=ttl_ms, xx=True)
+            with contextlib.suppress(WatchError):
+                await pipe.execute()
 
     async def delete(self, handle: bytes) -> None:
         try:

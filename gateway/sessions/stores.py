@@ -22,8 +22,17 @@ class StoreUnavailable(Exception):
 class SessionStore(Protocol):
     async def load(self, handle: bytes) -> Session | None: ...
 
-    async def save(self, session: Session, handle: bytes | None) -> bytes:
-        """Persist the session; return the handle to seal into the cookie."""
+    async def save(
+        self, session: Session, handle: bytes | None, expected: Session | None = None
+    ) -> bytes:
+        """Persist the session; return the handle to seal into the cookie.
+
+        With ``expected`` (the session as this request read it), only if the
+        store still holds exactly that: a request that merely touched its
+        session must not write it back over one that another request saved
+        meanwhile (refreshed tokens: the old refresh token may be spent), nor
+        bring back one that was deleted. The cookie store cannot check this.
+        """
         ...
 
     async def delete(self, handle: bytes) -> None: ...
@@ -43,7 +52,9 @@ class CookieStore:
     async def load(self, handle: bytes) -> Session | None:
         return _decode_session(handle)
 
-    async def save(self, session: Session, handle: bytes | None) -> bytes:
+    async def save(
+        self, session: Session, handle: bytes | None, expected: Session | None = None
+    ) -> bytes:
         return session.to_bytes()
 
     async def delete(self, handle: bytes) -> None:
@@ -78,8 +89,14 @@ class MemoryStore:
             return None
         return session
 
-    async def save(self, session: Session, handle: bytes | None) -> bytes:
+    async def save(
+        self, session: Session, handle: bytes | None, expected: Session | None = None
+    ) -> bytes:
         handle = handle or new_session_id()
+        if expected is not None:
+            entry = self._sessions.get(handle)
+            if entry is None or entry[1] is not expected:  # load hands out what it holds
+                return handle
         self._sessions[handle] = (session.created_at + self._lifetime, session)
         self._saves += 1
         if self._saves % 1024 == 0:

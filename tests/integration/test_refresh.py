@@ -20,6 +20,7 @@ from aioresponses import aioresponses
 
 from gateway.demo.api import AUTHORITY_KEY, USERS, InvalidToken, TokenAuthority
 from gateway.sessions.model import Session
+from tests.integration.test_redis import redis_server  # noqa: F401 - a fixture
 from tests.session_support import (
     Env,
     Reply,
@@ -571,3 +572,119 @@ async def test_without_refresh_url_a_refresh_on_status_is_returned_as_it_is() ->
         assert env.stats.refresh_calls == 0
         assert reply.set_cookies == []
         assert env.stats.unauthorized_requests == 1
+
+
+# -- a request that outlives a refresh --------------------------------------------------
+
+
+def _session_config(store: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    # idle_timeout 10 s: a session is touched (last_seen saved) at most once a second.
+    config: dict[str, Any] = {"store": store, "idle_timeout": 10}
+    if store == "redis":
+        config["redis_url"] = request.getfixturevalue("redis_server").url
+    return config
+
+
+def _held_endpoint() -> tuple[asyncio.Event, asyncio.Event, Callable[[web.Application], None]]:
+    """An upstream endpoint ``/held`` that answers once released (a long poll)."""
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def held(request: web.Request) -> web.Response:
+        entered.set()
+        await release.wait()
+        return web.json_response({"held": True})
+
+    def setup(app: web.Application) -> None:
+        app.router.add_get("/held", held)
+
+    return entered, release, setup
+
+
+async def _until(when: float) -> None:
+    await asyncio.sleep(max(0.0, when - time.time() + 0.3))  # the clock is the condition
+
+
+async def _session_expiry(env: Env) -> float:
+    return float((await env.browser.call("GET", "/auth/demo/session")).json()["expires_at"])
+
+
+@pytest.mark.parametrize(("store", "grace"), [("memory", 0), ("redis", 0), ("cookie", 5)])
+async def test_a_request_that_began_before_a_refresh_does_not_write_back_the_old_tokens(
+    store: str, grace: float, request: pytest.FixtureRequest
+) -> None:
+    # A long request A reads the session (and touches it: last_seen is due) with the
+    # old tokens; meanwhile B refreshes (the demo API rotates refresh tokens and
+    # revokes the family when one is presented twice). When A ends, it must not save
+    # its copy over B's: the next refresh would present the spent token and end the
+    # session. Server-side stores refuse to write a touched session over a newer one
+    # (refresh_grace 0 here, so nothing else can help); with the cookie store the
+    # browser keeps whichever cookie came last, so A's answer carries B's tokens.
+    entered, release, setup = _held_endpoint()
+    async with demo_env(
+        access_ttl=2,
+        provider={"refresh_skew": 0, "refresh_grace": grace},
+        session=_session_config(store, request),
+        setup=setup,
+    ) as env:
+        await login(env.browser)
+        old_expiry = await _session_expiry(env)
+        await asyncio.sleep(1.2)  # past the touch interval: the clock is the condition
+        held = asyncio.create_task(env.browser.call("GET", "/api/held"))
+        await entered.wait()
+        await _until(old_expiry)
+        refreshed = await env.browser.call("GET", "/api/user")
+        assert refreshed.status == 200 and env.stats.refresh_calls == 1
+        new_expiry = await _session_expiry(env)
+        assert new_expiry > old_expiry
+        release.set()
+        assert (await held).status == 200
+        assert await _session_expiry(env) == new_expiry
+        after = await env.browser.call("GET", "/api/user")
+        assert after.status == 200, after.body
+        assert (env.stats.refresh_calls, env.stats.refresh_rejected) == (1, 0)
+        assert env.stats.revoked_families == 0
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_refresh_is_saved_before_the_request_that_made_it_ends(
+    store: str, request: pytest.FixtureRequest
+) -> None:
+    # A refreshes, then waits on a long poll. B, sent meanwhile with the same cookie,
+    # must find the new tokens in the store: with the old ones it would refresh
+    # again with a spent refresh token (refresh_grace 0: no remembered result).
+    entered, release, setup = _held_endpoint()
+    async with demo_env(
+        access_ttl=2,
+        provider={"refresh_skew": 0, "refresh_grace": 0},
+        session=_session_config(store, request),
+        setup=setup,
+    ) as env:
+        await login(env.browser)
+        old_expiry = await _session_expiry(env)
+        await _until(old_expiry)
+        held = asyncio.create_task(env.browser.call("GET", "/api/held"))
+        await entered.wait()
+        assert env.stats.refresh_calls == 1
+        assert await _session_expiry(env) > old_expiry  # the store has the new tokens
+        meanwhile = await env.browser.call("GET", "/api/user")
+        assert meanwhile.status == 200, meanwhile.body
+        release.set()
+        assert (await held).status == 200
+        assert (env.stats.refresh_calls, env.stats.refresh_rejected) == (1, 0)
+
+
+async def test_a_request_that_outlives_a_logout_does_not_bring_the_session_back() -> None:
+    # Memory store (Redis already updates only existing entries): a long request that
+    # touched its session must not write it back after a logout deleted it.
+    entered, release, setup = _held_endpoint()
+    async with demo_env(session={"store": "memory", "idle_timeout": 10}, setup=setup) as env:
+        await login(env.browser)
+        cookie = dict(env.browser.jar)
+        await asyncio.sleep(1.2)  # past the touch interval: the clock is the condition
+        held = asyncio.create_task(env.browser.call("GET", "/api/held"))
+        await entered.wait()
+        assert (await env.browser.call("POST", "/auth/demo/logout")).status == 204
+        release.set()
+        assert (await held).status == 200
+        replay = await env.browser.call("GET", "/api/user", cookies=cookie)
+        assert replay.status == 401 and replay.error == "login_required"
