@@ -559,7 +559,7 @@ class WebSockets:
         # A relay is counted by max_websockets, not as a request in flight:
         # idle sockets must not use up the worker's request capacity.
         gateway.in_flight -= 1
-        check, ends_at = self._session_watch(state)
+        check, ends_at = self._session_watch(state, relay)
         why = "error"
         try:
             if self.draining:
@@ -588,10 +588,14 @@ class WebSockets:
         return browser
 
     def _session_watch(
-        self, state: SessionState | None
+        self, state: SessionState | None, relay: Relay
     ) -> tuple[Callable[[], Any] | None, float | None]:
         """How a relay learns that its session ended: its absolute end, and for a
-        server-side store a re-check (a logout on another worker deletes it there)."""
+        server-side store a re-check (a logout on another worker deletes it there).
+
+        The re-check also counts the browser's messages as session activity, as a
+        request would be: a page in use over its socket alone does not reach the
+        idle timeout. (Saved only over the session it read: stores.py.)"""
         sessions = self.gateway.sessions
         if state is None or state.session is None or sessions is None:
             return None, None
@@ -603,16 +607,21 @@ class WebSockets:
             return None, ends_at
         store, provider = manager.store, session.provider
 
+        sent = relay.bytes_in  # what the browser had sent at the last check
+
         async def alive() -> bool:
+            nonlocal sent
+            now = time.time()
             try:
                 current = await store.load(handle)
+                if current is None or current.provider != provider or manager.expired(current, now):
+                    return False
+                if relay.bytes_in != sent and now - current.last_seen > manager.touch_every:
+                    await store.save(current.touched(now), handle, current)
             except StoreUnavailable:
                 return True  # a store that is down has not ended anything
-            return (
-                current is not None
-                and current.provider == provider
-                and not manager.expired(current, time.time())
-            )
+            sent = relay.bytes_in
+            return True
 
         return alive, ends_at
 

@@ -58,7 +58,7 @@ class SessionManager:
         self._absolute = config.absolute_timeout
         # Rewriting the cookie on every request only to move last_seen would
         # cost a seal and a Set-Cookie each time; do it at this granularity.
-        self._touch_every = min(60.0, config.idle_timeout / 10)
+        self.touch_every = min(60.0, config.idle_timeout / 10)
         self._name_prefix = name_base(config.cookie_prefix, config.secure) + "-"
         self._attributes = cookie_attributes(config.secure, config.same_site)
         # Told when a stored session is deleted (logout, a new login replacing
@@ -97,7 +97,7 @@ class SessionManager:
         state.session = session
         if unsealed.stale_key:
             state.dirty = True  # re-seal under the first key on this response
-        if now - session.last_seen > self._touch_every:
+        if now - session.last_seen > self.touch_every:
             state.session = session.touched(now)
             state.dirty = True
         return state

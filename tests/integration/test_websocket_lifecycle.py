@@ -105,6 +105,46 @@ async def test_redis_logout_on_another_replica_closes_the_socket(
             assert await closed_with(ws) == (1008, "session ended")
 
 
+def _idle_session(store: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    session: dict[str, Any] = {"store": store, "idle_timeout": 2}
+    if store == "redis":
+        session["redis_url"] = request.getfixturevalue("redis_server").url
+    return session
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_messages_from_the_browser_keep_the_session_alive(
+    store: str, request: pytest.FixtureRequest
+) -> None:
+    # A page used over its socket alone (chat) is active: twice the session's idle
+    # timeout later, the socket is still open and the session still valid.
+    watch = {"session_check_interval": 0.3}
+    async with ws_env(session=_idle_session(store, request), websocket=watch) as (env, _):
+        await login(env.browser)
+        async with connect(env) as ws:
+            until = asyncio.get_running_loop().time() + 4
+            while asyncio.get_running_loop().time() < until:
+                await echo_once(ws)  # fails on the close frame if the session ended
+                await asyncio.sleep(0.2)  # the user's pace: the clock is the condition
+        session = await env.browser.call("GET", "/auth/demo/session")
+        assert session.json()["authenticated"] is True
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_quiet_socket_does_not_keep_the_session_alive(
+    store: str, request: pytest.FixtureRequest
+) -> None:
+    # Only the browser's own messages count: a socket it does not use (the upstream
+    # pushes, or nothing happens) ends with its session at the idle timeout.
+    watch = {"session_check_interval": 0.3}
+    async with ws_env(session=_idle_session(store, request), websocket=watch) as (env, _):
+        await login(env.browser)
+        async with connect(env) as ws:
+            assert await closed_with(ws) == (1008, "session ended")
+        session = await env.browser.call("GET", "/auth/demo/session")
+        assert session.json()["authenticated"] is False
+
+
 def _replica_data(env: Env) -> dict[str, Any]:
     """The same configuration on other ports: a second replica sharing the Redis store."""
     from tests.support import free_port
