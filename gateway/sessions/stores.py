@@ -92,11 +92,14 @@ class MemoryStore:
     async def save(
         self, session: Session, handle: bytes | None, expected: Session | None = None
     ) -> bytes:
-        handle = handle or new_session_id()
-        if expected is not None:
+        if handle is None:
+            handle = new_session_id()
+        else:
+            # As Redis's SET XX: a session deleted meanwhile (logout, expiry) stays
+            # deleted; with ``expected``, one saved meanwhile stands.
             entry = self._sessions.get(handle)
-            if entry is None or entry[1] is not expected:  # load hands out what it holds
-                return handle
+            if entry is None or (expected is not None and entry[1] is not expected):
+                return handle  # (load hands out the very object it holds)
         self._sessions[handle] = (session.created_at + self._lifetime, session)
         self._saves += 1
         if self._saves % 1024 == 0:

@@ -688,3 +688,36 @@ async def test_a_request_that_outlives_a_logout_does_not_bring_the_session_back(
         assert (await held).status == 200
         replay = await env.browser.call("GET", "/api/user", cookies=cookie)
         assert replay.status == 401 and replay.error == "login_required"
+
+
+async def test_a_refresh_that_outlives_a_logout_does_not_bring_the_session_back() -> None:
+    # The logout lands while the refresh call is at the provider: the refreshed
+    # session must not be saved back into the memory store (Redis: SET XX).
+    refreshing = asyncio.Event()
+
+    @web.middleware
+    async def note_refresh(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.path == "/refresh-token":
+            refreshing.set()
+        response: web.StreamResponse = await handler(request)
+        return response
+
+    def setup(app: web.Application) -> None:
+        app.middlewares.append(note_refresh)
+
+    async with demo_env(
+        access_ttl=2,
+        refresh_delay=0.5,
+        provider={"refresh_skew": 0},
+        session={"store": "memory"},
+        setup=setup,
+    ) as env:
+        await login(env.browser)
+        cookie = dict(env.browser.jar)
+        await _until(await _session_expiry(env))
+        refreshed = asyncio.create_task(env.browser.call("GET", "/api/user"))
+        await refreshing.wait()
+        assert (await env.browser.call("POST", "/auth/demo/logout")).status == 204
+        assert (await refreshed).status == 200  # this request still had its session
+        replay = await env.browser.call("GET", "/api/user", cookies=cookie)
+        assert replay.status == 401 and replay.error == "login_required"
