@@ -96,6 +96,10 @@ class RefreshCoordinator:
             return None
         return recent[1] if recent[1].access_token != stale_access else None
 
+    def forget(self, refresh_token: str) -> None:
+        """Drop a remembered result (its tokens were refused after all)."""
+        self._recent.pop(token_digest(refresh_token), None)
+
     async def _flight(self, key: str, refresh_token: str, stale_access: str) -> Tokens:
         try:
             tokens = await self._provider.refresh(refresh_token, stale_access)

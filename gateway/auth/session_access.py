@@ -111,7 +111,9 @@ class SessionAccess:
                 502, "upstream_invalid_response", "the token service answered without a token"
             ) from None
         if not same_end_user(state.session.id_token, tokens.id_token):
-            # The provider now vouches for someone else: neither identity can be trusted.
+            # The provider now vouches for someone else: neither identity can be
+            # trusted, and no other request of this session may pick these tokens up.
+            provider.coordinator.forget(state.session.refresh_token)
             event(
                 "refresh refused",
                 logging.WARNING,
@@ -161,9 +163,11 @@ class SessionAccess:
         """A session this request only touched, but which another request refreshed
         meanwhile (this one began first and took longer), is written with the new
         tokens: its own copy holds a refresh token the provider may have spent.
-        With the cookie store this is the only guard (the browser keeps whichever
-        cookie came last), and it holds for ``refresh_grace``; server-side stores
-        also refuse to write a touched session over a newer one (stores.py)."""
+
+        For the cookie store, the only guard (the browser keeps whichever cookie
+        came last), within ``refresh_grace``. Server-side stores still save it only
+        over the session this request read (``state.loaded`` is kept), so a
+        session refreshed twice meanwhile is not set back to the first refresh."""
         session = state.session
         if state.loaded is None or session is None or session.refresh_token is None:
             return
@@ -171,5 +175,6 @@ class SessionAccess:
         if coordinator is None:
             return
         newer = coordinator.remembered(session.refresh_token, session.access_token)
-        if newer is not None:
-            self.manager.replace(state, session.with_tokens(newer, session.last_seen))
+        if newer is not None and same_end_user(session.id_token, newer.id_token):
+            # Now as last_seen: the request answering is the browser's activity.
+            state.session = session.with_tokens(newer, time.time())

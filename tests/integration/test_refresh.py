@@ -646,6 +646,35 @@ async def test_a_request_that_began_before_a_refresh_does_not_write_back_the_old
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_request_that_outlived_two_refreshes_does_not_set_the_session_back_to_the_first(
+    store: str, request: pytest.FixtureRequest
+) -> None:
+    # While A is held, the session is refreshed twice (RT0 -> RT1 -> RT2). A still
+    # remembers RT0's refresh (RT1's tokens, within refresh_grace): it must not save
+    # those over RT2's, whose refresh spent RT1.
+    entered, release, setup = _held_endpoint()
+    async with demo_env(
+        access_ttl=2,
+        provider={"refresh_skew": 0, "refresh_grace": 30},
+        session=_session_config(store, request),
+        setup=setup,
+    ) as env:
+        await login(env.browser)
+        await asyncio.sleep(1.2)  # past the touch interval: the clock is the condition
+        held = asyncio.create_task(env.browser.call("GET", "/api/held"))
+        await entered.wait()
+        for _ in range(2):
+            await _until(await _session_expiry(env))
+            assert (await env.browser.call("GET", "/api/user")).status == 200
+        assert env.stats.refresh_calls == 2
+        latest = await _session_expiry(env)
+        release.set()
+        assert (await held).status == 200
+        assert await _session_expiry(env) == latest
+        assert env.stats.refresh_rejected == 0
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
 async def test_a_refresh_is_saved_before_the_request_that_made_it_ends(
     store: str, request: pytest.FixtureRequest
 ) -> None:
