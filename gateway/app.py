@@ -96,12 +96,15 @@ class Gateway:
         keys = [(k.id, k.key_bytes()) for k in session_config.keys] or [("none", os.urandom(32))]
         keyring = KeyRing(keys)
         self.store = build_store(config, keyring, redis)
+        self.providers = build_providers(config, client, keyring, redis, metrics.refresh_result)
         self.sessions: SessionAccess | None = (
-            SessionAccess(SessionManager(session_config, keyring, self.store))
+            SessionAccess(
+                SessionManager(session_config, keyring, self.store),
+                {name: runtime.coordinator for name, runtime in self.providers.items()},
+            )
             if session_config.keys
             else None
         )
-        self.providers = build_providers(config, client, keyring, redis, metrics.refresh_result)
         self.table = RouteTable(config.routes)
         self.targets = [self._target(route) for route in config.routes]
         self.auth = AuthEndpoints(

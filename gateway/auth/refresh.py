@@ -72,11 +72,10 @@ class RefreshCoordinator:
         the same refresh token later needs a genuinely new access token.
         """
         key = token_digest(refresh_token)
-        now = time.monotonic()
-        recent = self._recent.get(key)
-        if recent is not None and recent[0] > now and recent[1].access_token != stale_access:
+        remembered = self._remembered(key, stale_access)
+        if remembered is not None:
             self._on_result(self._provider.name, "coalesced")
-            return recent[1]
+            return remembered
         task = self._inflight.get(key)
         if task is None:
             task = asyncio.create_task(self._flight(key, refresh_token, stale_access))
@@ -91,7 +90,10 @@ class RefreshCoordinator:
     def remembered(self, refresh_token: str, stale_access: str) -> Tokens | None:
         """What a refresh of ``refresh_token`` gave within the grace period, if it
         is newer than ``stale_access`` (the access token the caller holds)."""
-        recent = self._recent.get(token_digest(refresh_token))
+        return self._remembered(token_digest(refresh_token), stale_access)
+
+    def _remembered(self, key: str, stale_access: str) -> Tokens | None:
+        recent = self._recent.get(key)
         if recent is None or recent[0] <= time.monotonic():
             return None
         return recent[1] if recent[1].access_token != stale_access else None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -37,11 +38,13 @@ def session_expired() -> GatewayError:
 
 
 class SessionAccess:
-    def __init__(self, manager: SessionManager) -> None:
+    def __init__(
+        self, manager: SessionManager, coordinators: Mapping[str, RefreshCoordinator]
+    ) -> None:
         self.manager = manager
-        # Each provider's single-flight refresh, by name (learned as requests use
-        # them): what add_cookies asks whether a session was refreshed meanwhile.
-        self._coordinators: dict[str, RefreshCoordinator] = {}
+        # Each provider's single-flight refresh, by name: what add_cookies asks
+        # whether a session was refreshed meanwhile by another request.
+        self._coordinators = coordinators
 
     async def load(
         self, request: web.BaseRequest, provider: ProviderRuntime, ctx: Context
@@ -52,7 +55,6 @@ class SessionAccess:
             manager.read_cookies(request.headers), provider.name, time.time()
         )
         ctx.states.append(state)
-        self._coordinators[provider.name] = provider.coordinator
         return state
 
     async def require(
@@ -65,7 +67,6 @@ class SessionAccess:
         now = time.time()
         state = await manager.load(manager.read_cookies(request.headers), provider.name, now)
         ctx.states.append(state)
-        self._coordinators[provider.name] = provider.coordinator
         if state.session is None:
             if state.absent is not Absent.NONE:
                 await self.manager.clear(state)

@@ -585,19 +585,50 @@ def _session_config(store: str, request: pytest.FixtureRequest) -> dict[str, Any
     return config
 
 
-def _held_endpoint() -> tuple[asyncio.Event, asyncio.Event, Callable[[web.Application], None]]:
+class HeldEndpoint:
     """An upstream endpoint ``/held`` that answers once released (a long poll)."""
-    entered, release = asyncio.Event(), asyncio.Event()
 
-    async def held(request: web.Request) -> web.Response:
-        entered.set()
-        await release.wait()
-        return web.json_response({"held": True})
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.released = asyncio.Event()
+        self.request: asyncio.Task[Reply] | None = None
 
-    def setup(app: web.Application) -> None:
+    def setup(self, app: web.Application) -> None:
+        async def held(request: web.Request) -> web.Response:
+            self.entered.set()
+            await self.released.wait()
+            return web.json_response({"held": True})
+
         app.router.add_get("/held", held)
 
-    return entered, release, setup
+    async def start(self, env: Env) -> None:
+        """Send the long request; return once the upstream holds it."""
+        self.request = asyncio.create_task(env.browser.call("GET", "/api/held"))
+        await self.entered.wait()
+
+    async def finish(self) -> Reply:
+        assert self.request is not None
+        self.released.set()
+        return await self.request
+
+
+@contextlib.asynccontextmanager
+async def _logged_in(
+    held: HeldEndpoint, store: str, request: pytest.FixtureRequest, grace: float
+) -> AsyncIterator[Env]:
+    """A session with 2 s tokens (refreshed only once expired), logged in."""
+    async with demo_env(
+        access_ttl=2,
+        provider={"refresh_skew": 0, "refresh_grace": grace},
+        session=_session_config(store, request),
+        setup=held.setup,
+    ) as env:
+        await login(env.browser)
+        yield env
+
+
+async def _past_the_touch_interval() -> None:
+    await asyncio.sleep(1.2)  # the clock is the condition
 
 
 async def _until(when: float) -> None:
@@ -619,25 +650,17 @@ async def test_a_request_that_began_before_a_refresh_does_not_write_back_the_old
     # session. Server-side stores refuse to write a touched session over a newer one
     # (refresh_grace 0 here, so nothing else can help); with the cookie store the
     # browser keeps whichever cookie came last, so A's answer carries B's tokens.
-    entered, release, setup = _held_endpoint()
-    async with demo_env(
-        access_ttl=2,
-        provider={"refresh_skew": 0, "refresh_grace": grace},
-        session=_session_config(store, request),
-        setup=setup,
-    ) as env:
-        await login(env.browser)
+    held = HeldEndpoint()
+    async with _logged_in(held, store, request, grace) as env:
         old_expiry = await _session_expiry(env)
-        await asyncio.sleep(1.2)  # past the touch interval: the clock is the condition
-        held = asyncio.create_task(env.browser.call("GET", "/api/held"))
-        await entered.wait()
+        await _past_the_touch_interval()
+        await held.start(env)
         await _until(old_expiry)
         refreshed = await env.browser.call("GET", "/api/user")
         assert refreshed.status == 200 and env.stats.refresh_calls == 1
         new_expiry = await _session_expiry(env)
         assert new_expiry > old_expiry
-        release.set()
-        assert (await held).status == 200
+        assert (await held.finish()).status == 200
         assert await _session_expiry(env) == new_expiry
         after = await env.browser.call("GET", "/api/user")
         assert after.status == 200, after.body
@@ -652,24 +675,16 @@ async def test_a_request_that_outlived_two_refreshes_does_not_set_the_session_ba
     # While A is held, the session is refreshed twice (RT0 -> RT1 -> RT2). A still
     # remembers RT0's refresh (RT1's tokens, within refresh_grace): it must not save
     # those over RT2's, whose refresh spent RT1.
-    entered, release, setup = _held_endpoint()
-    async with demo_env(
-        access_ttl=2,
-        provider={"refresh_skew": 0, "refresh_grace": 30},
-        session=_session_config(store, request),
-        setup=setup,
-    ) as env:
-        await login(env.browser)
-        await asyncio.sleep(1.2)  # past the touch interval: the clock is the condition
-        held = asyncio.create_task(env.browser.call("GET", "/api/held"))
-        await entered.wait()
+    held = HeldEndpoint()
+    async with _logged_in(held, store, request, 30) as env:
+        await _past_the_touch_interval()
+        await held.start(env)
         for _ in range(2):
             await _until(await _session_expiry(env))
             assert (await env.browser.call("GET", "/api/user")).status == 200
         assert env.stats.refresh_calls == 2
         latest = await _session_expiry(env)
-        release.set()
-        assert (await held).status == 200
+        assert (await held.finish()).status == 200
         assert await _session_expiry(env) == latest
         assert env.stats.refresh_rejected == 0
 
@@ -681,40 +696,30 @@ async def test_a_refresh_is_saved_before_the_request_that_made_it_ends(
     # A refreshes, then waits on a long poll. B, sent meanwhile with the same cookie,
     # must find the new tokens in the store: with the old ones it would refresh
     # again with a spent refresh token (refresh_grace 0: no remembered result).
-    entered, release, setup = _held_endpoint()
-    async with demo_env(
-        access_ttl=2,
-        provider={"refresh_skew": 0, "refresh_grace": 0},
-        session=_session_config(store, request),
-        setup=setup,
-    ) as env:
-        await login(env.browser)
+    held = HeldEndpoint()
+    async with _logged_in(held, store, request, 0) as env:
         old_expiry = await _session_expiry(env)
         await _until(old_expiry)
-        held = asyncio.create_task(env.browser.call("GET", "/api/held"))
-        await entered.wait()
+        await held.start(env)
         assert env.stats.refresh_calls == 1
         assert await _session_expiry(env) > old_expiry  # the store has the new tokens
         meanwhile = await env.browser.call("GET", "/api/user")
         assert meanwhile.status == 200, meanwhile.body
-        release.set()
-        assert (await held).status == 200
+        assert (await held.finish()).status == 200
         assert (env.stats.refresh_calls, env.stats.refresh_rejected) == (1, 0)
 
 
 async def test_a_request_that_outlives_a_logout_does_not_bring_the_session_back() -> None:
     # Memory store (Redis already updates only existing entries): a long request that
     # touched its session must not write it back after a logout deleted it.
-    entered, release, setup = _held_endpoint()
-    async with demo_env(session={"store": "memory", "idle_timeout": 10}, setup=setup) as env:
+    held = HeldEndpoint()
+    async with demo_env(session={"store": "memory", "idle_timeout": 10}, setup=held.setup) as env:
         await login(env.browser)
         cookie = dict(env.browser.jar)
-        await asyncio.sleep(1.2)  # past the touch interval: the clock is the condition
-        held = asyncio.create_task(env.browser.call("GET", "/api/held"))
-        await entered.wait()
+        await _past_the_touch_interval()
+        await held.start(env)
         assert (await env.browser.call("POST", "/auth/demo/logout")).status == 204
-        release.set()
-        assert (await held).status == 200
+        assert (await held.finish()).status == 200
         replay = await env.browser.call("GET", "/api/user", cookies=cookie)
         assert replay.status == 401 and replay.error == "login_required"
 

@@ -5,7 +5,9 @@ per-worker limit and the drain; and what they leave in metrics and the access lo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -105,11 +107,18 @@ async def test_redis_logout_on_another_replica_closes_the_socket(
             assert await closed_with(ws) == (1008, "session ended")
 
 
-def _idle_session(store: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def _logged_in_with_idle_timeout(
+    store: str, request: pytest.FixtureRequest
+) -> AsyncIterator[Env]:
+    """A session that idles out after 2 s; its sockets re-check it every 0.3 s."""
     session: dict[str, Any] = {"store": store, "idle_timeout": 2}
     if store == "redis":
         session["redis_url"] = request.getfixturevalue("redis_server").url
-    return session
+    watch = {"session_check_interval": 0.3}
+    async with ws_env(session=session, websocket=watch) as (env, _):
+        await login(env.browser)
+        yield env
 
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
@@ -118,9 +127,7 @@ async def test_messages_from_the_browser_keep_the_session_alive(
 ) -> None:
     # A page used over its socket alone (chat) is active: twice the session's idle
     # timeout later, the socket is still open and the session still valid.
-    watch = {"session_check_interval": 0.3}
-    async with ws_env(session=_idle_session(store, request), websocket=watch) as (env, _):
-        await login(env.browser)
+    async with _logged_in_with_idle_timeout(store, request) as env:
         async with connect(env) as ws:
             until = asyncio.get_running_loop().time() + 4
             while asyncio.get_running_loop().time() < until:
@@ -136,9 +143,7 @@ async def test_a_quiet_socket_does_not_keep_the_session_alive(
 ) -> None:
     # Only the browser's own messages count: a socket it does not use (the upstream
     # pushes, or nothing happens) ends with its session at the idle timeout.
-    watch = {"session_check_interval": 0.3}
-    async with ws_env(session=_idle_session(store, request), websocket=watch) as (env, _):
-        await login(env.browser)
+    async with _logged_in_with_idle_timeout(store, request) as env:
         async with connect(env) as ws:
             assert await closed_with(ws) == (1008, "session ended")
         session = await env.browser.call("GET", "/auth/demo/session")

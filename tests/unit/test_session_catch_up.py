@@ -69,7 +69,8 @@ def setup(refreshed_sub: str) -> tuple[SessionAccess, ProviderRuntime, dict[str,
         "oidc", "at-0", "rt-0", now - 1, now - 50, now - 50, {"sub": "alice"}, id_token("alice")
     )
     name = manager.cookie_name("oidc")
-    return SessionAccess(manager), runtime, {name: keyring.seal(old.to_bytes(), name)}
+    access = SessionAccess(manager, {"oidc": runtime.coordinator})
+    return access, runtime, {name: keyring.seal(old.to_bytes(), name)}
 
 
 async def answer_of(access: SessionAccess, state: SessionState) -> Session:
@@ -94,7 +95,6 @@ async def test_a_touched_request_catches_up_only_with_the_same_end_users_tokens(
     manager = access.manager
     # A: a long request that read the session first (and touched it).
     slow = await manager.load(cookies, "oidc", time.time())
-    access._coordinators["oidc"] = runtime.coordinator
     assert slow.dirty and slow.session is not None
     # B: refreshes meanwhile.
     fast = await manager.load(cookies, "oidc", time.time())
